@@ -1,0 +1,454 @@
+"""The typed configuration tree: defaults < TOML file < dotted `key.sub=value` overrides.
+
+One section per process or concern (model, sampler, grader, learner, algo, staleness, data, run, network).
+Every field has a docstring (pydantic turns them into descriptions). Unknown keys are an error that names the
+key, the file and the closest valid key; wrong types name the key and the file; cross-field checks run at load.
+
+    cfg = load_config("configs/tiny.toml", ["learner.lr=1e-4", "staleness.max_staleness=0"])
+    save_config(cfg, "runs/x/config.toml")   # round-trips: load_config(path) == cfg
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration the user must change; the message says what and where."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelArch(_Section):
+    """Architecture of a model built from scratch (ignored when `model.path` names a checkpoint)."""
+
+    vocab_size: int = Field(0, ge=0)
+    """Vocabulary size; 0 means 'take it from the task tokenizer'."""
+    hidden_size: int = Field(128, ge=8)
+    """Width of the residual stream."""
+    intermediate_size: int = Field(256, ge=8)
+    """FFN width of dense (non-MoE) layers."""
+    moe_intermediate_size: int = Field(128, ge=8)
+    """FFN width of each expert."""
+    num_hidden_layers: int = Field(4, ge=1)
+    """Number of transformer blocks."""
+    num_attention_heads: int = Field(4, ge=1)
+    """Query heads."""
+    num_key_value_heads: int = Field(2, ge=1)
+    """Key/value heads (grouped-query attention); must divide num_attention_heads."""
+    head_dim: int = Field(32, ge=4)
+    """Per-head width."""
+    num_experts: int = Field(8, ge=1)
+    """Routed experts per MoE layer."""
+    num_experts_per_tok: int = Field(2, ge=1)
+    """Top-k experts per token."""
+    norm_topk_prob: bool = True
+    """Renormalise the kept top-k router probabilities to sum to one."""
+    decoder_sparse_step: int = Field(1, ge=1)
+    """Every `decoder_sparse_step`-th layer is MoE (1 = all)."""
+    mlp_only_layers: list[int] = Field(default_factory=list)
+    """Layer indices forced to a dense MLP."""
+    rms_norm_eps: float = Field(1e-6, gt=0)
+    """RMSNorm epsilon."""
+    rope_theta: float = Field(10000.0, gt=0)
+    """Rotary embedding base."""
+    max_position_embeddings: int = Field(512, ge=8)
+    """Longest sequence (prompt + response) the model handles."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding and the LM head."""
+
+
+class ModelSection(_Section):
+    path: str = ""
+    """Local HF-format checkpoint folder (config.json + safetensors). Empty: build `arch` from scratch
+    (the tiny default runs cold-start SFT first)."""
+    arch: ModelArch = Field(default_factory=ModelArch)
+    """Architecture used when `path` is empty."""
+    init_seed: int = 0
+    """Seed of the random initialisation."""
+    fp8_block_size: int = Field(128, ge=1)
+    """Block edge of block-FP8 quantisation (128 for real models; smaller for tiny ones)."""
+
+
+class SGLangSection(_Section):
+    tp_size: int = Field(1, ge=1)
+    """Tensor parallel size of each SGLang engine."""
+    mem_fraction_static: float = Field(0.8, gt=0, le=1)
+    """Fraction of GPU memory SGLang reserves for weights and KV cache."""
+    extra_args: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed to `sglang.Engine`."""
+
+
+class SamplerSection(_Section):
+    engine: Literal["torch_fp8", "sglang"] = "torch_fp8"
+    """Inference engine: the embedded pure-PyTorch FP8 engine, or SGLang (GPU, optional extra)."""
+    num_samplers: int = Field(1, ge=1)
+    """Sampler processes the launcher starts."""
+    fp8: bool = True
+    """Hold linear weights as block-FP8 (the real training-inference gap)."""
+    max_batch_size: int = Field(64, ge=1)
+    """Sequences decoded together."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature (the learner applies the same one to its logits)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling (0 = off)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest response."""
+    capture_routes: bool = True
+    """Return routed experts (needed for R3 and routing metrics)."""
+    interruptible: bool = False
+    """Apply weight updates between decode steps (per-token versions) instead of between batches."""
+    threads: int = Field(1, ge=1)
+    """torch threads of each sampler process."""
+    device: str = "cpu"
+    """Device of the embedded engine."""
+    sglang: SGLangSection = Field(default_factory=SGLangSection)
+    """SGLang engine options."""
+
+
+class GraderSection(_Section):
+    name: str = "exact"
+    """Built-in grader name (exact, numeric, math, code) or 'package.module:attr'."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the grader."""
+    num_graders: int = Field(1, ge=1)
+    """Grader processes the launcher starts."""
+    concurrency: int = Field(8, ge=1)
+    """Samples graded at once per grader process."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Per-sample time limit."""
+    failure_policy: Literal["drop_group", "zero"] = "drop_group"
+    """On a grader failure: drop (and re-issue) the whole group, or score the sample 0."""
+
+
+class LearnerSection(_Section):
+    num_steps: int = Field(20, ge=1)
+    """Global steps (weight versions) to train."""
+    groups_per_step: int = Field(8, ge=1)
+    """Prompt groups per global step (global batch = groups_per_step * group_size responses)."""
+    minibatch_groups: int = Field(8, ge=1)
+    """Prompt groups per minibatch update; N = groups_per_step / minibatch_groups updates per step."""
+    lr: float = Field(1e-4, gt=0)
+    """Peak AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up updates."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Global gradient-norm clip."""
+    compute_dtype: Literal["bf16", "fp32"] = "bf16"
+    """Forward/backward dtype (master weights and optimizer stay fp32)."""
+    world_size: int = Field(1, ge=1)
+    """Learner ranks (FSDP2); the launcher uses torchrun when > 1."""
+    threads: int = Field(1, ge=1)
+    """torch threads of each learner rank."""
+    device: str = "cpu"
+    """Learner device (cpu or cuda)."""
+    checkpoint_every: int = Field(10, ge=0)
+    """Save a checkpoint every this many steps (0 = only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept."""
+    resume: bool = True
+    """Resume from the newest checkpoint in the run directory if one exists."""
+    deterministic: bool = False
+    """Deterministic algorithms (bit-exact resume), slower."""
+    logprob_chunk: int = Field(1024, ge=1)
+    """Tokens per chunk when computing log-probs and entropy (bounds memory)."""
+
+
+class AlgoSection(_Section):
+    loss: Literal["minirl", "minirl_no_is", "minirl_lennorm", "grpo", "cispo", "minirl_icepop"] = "minirl"
+    """Policy loss (ALGORITHM.md section 4)."""
+    group_size: int = Field(8, ge=1)
+    """Responses per prompt (G)."""
+    eps_low: float = Field(0.2, ge=0, lt=1)
+    """Lower clipping epsilon."""
+    eps_high: float = Field(0.27, ge=0)
+    """Upper clipping epsilon."""
+    is_cap: float = Field(5.0, gt=0)
+    """Truncation cap of the train-inference discrepancy ratio."""
+    icepop_low: float = Field(0.5, gt=0)
+    """IcePop lower mask bound."""
+    icepop_high: float = Field(5.0, gt=0)
+    """IcePop upper mask bound."""
+
+
+class StalenessSection(_Section):
+    max_staleness: int = Field(1, ge=0)
+    """eta: how many versions behind the learner a rollout may be (0 = synchronous)."""
+    routing_replay: Literal["auto", "r2", "r3", "none"] = "auto"
+    """Routing replay mode; auto picks R2/R3 from the measured lag (ALGORITHM.md section 6)."""
+    r3_min_lag: int = Field(3, ge=0)
+    """Auto: choose R3 when the batch's max lag (in optimizer updates) is at least this."""
+    r3_kl_threshold: float | None = None
+    """Auto: also choose R3 when the previous step's kl/train_infer_k3 exceeds this (None = off)."""
+    hysteresis_steps: int = Field(1, ge=1)
+    """Auto: switch only after the condition held this many steps in a row."""
+    lease_s: float = Field(120.0, gt=0)
+    """A granted group not returned within this many seconds is issued again."""
+
+
+class SFTSection(_Section):
+    steps: int = Field(600, ge=1)
+    """Cold-start SFT optimizer steps."""
+    batch_size: int = Field(64, ge=1)
+    """Worked solutions per SFT step."""
+    lr: float = Field(3e-3, gt=0)
+    """SFT peak learning rate."""
+    max_minutes: float = Field(3.0, gt=0)
+    """Stop SFT after this much wall time even if steps remain."""
+
+
+class DataSection(_Section):
+    task: str = "arith"
+    """Synthetic task family, or 'jsonl' to read `jsonl_path`."""
+    difficulty: int = Field(2, ge=1)
+    """Difficulty knob of the synthetic task."""
+    jsonl_path: str = ""
+    """Prompt dataset, one JSON object per line (used when task = 'jsonl')."""
+    bad_line_policy: Literal["skip", "fail"] = "skip"
+    """A malformed JSONL line is reported with its number and skipped, or fails the load."""
+    tokenizer_path: str = ""
+    """tokenizer.json to use; empty: the checkpoint's, or the task's built-in tokenizer."""
+    seed: int = 0
+    """Seed of the prompt stream."""
+    num_eval: int = Field(256, ge=1)
+    """Held-out prompts used by eval."""
+    sft: SFTSection = Field(default_factory=SFTSection)
+    """Cold-start SFT settings."""
+
+
+class RunSection(_Section):
+    dir: str = "runs/latest"
+    """Run directory (config.toml, metrics.jsonl, events.log, checkpoints/, report/)."""
+    seed: int = 0
+    """Global seed."""
+    sft_checkpoint: str = ""
+    """Cold-start checkpoint to start RL from; empty: run SFT first (or use model.path)."""
+    progress: bool = True
+    """Show live progress."""
+    max_restarts: int = Field(3, ge=0)
+    """Restarts of a crashed service before the launcher gives up."""
+    eval_after: bool = True
+    """Evaluate the final policy at the end of `minirl-async run`."""
+
+
+class NetworkSection(_Section):
+    work_addr: str = "tcp://127.0.0.1:5555"
+    """Learner ROUTER: WorkRequest/WorkGrant, WeightsRequest, Heartbeat."""
+    weights_addr: str = "tcp://127.0.0.1:5556"
+    """Learner PUB: WeightUpdate chunks."""
+    rollout_addr: str = "tcp://127.0.0.1:5557"
+    """Grader PULL (bound by the first grader... or a fan-in): RolloutGroup from samplers."""
+    scored_addr: str = "tcp://127.0.0.1:5558"
+    """Learner PULL: ScoredGroup from graders."""
+    max_msg_bytes: int = Field(1 << 30, ge=1024)
+    """zmq MAXMSGSIZE on every socket; larger messages are refused."""
+    hwm: int = Field(1000, ge=1)
+    """Default high-water mark (messages)."""
+    weight_chunk_mb: float = Field(64.0, gt=0)
+    """Size of one safetensors weight chunk."""
+    curve_server_key: str = ""
+    """CurveZMQ server secret key file (empty: no encryption)."""
+    curve_client_key: str = ""
+    """CurveZMQ client secret key file."""
+    curve_server_public: str = ""
+    """CurveZMQ server public key file (clients)."""
+    heartbeat_s: float = Field(2.0, gt=0)
+    """Heartbeat period."""
+
+
+class Config(_Section):
+    """The whole configuration of a run."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    """Policy model."""
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    """Sampler processes and their engine."""
+    grader: GraderSection = Field(default_factory=GraderSection)
+    """Grader processes and the reward function."""
+    learner: LearnerSection = Field(default_factory=LearnerSection)
+    """Learner (trainer and controller)."""
+    algo: AlgoSection = Field(default_factory=AlgoSection)
+    """MiniRL loss and its variants."""
+    staleness: StalenessSection = Field(default_factory=StalenessSection)
+    """Staleness bound and routing replay."""
+    data: DataSection = Field(default_factory=DataSection)
+    """Prompts, tasks and cold start."""
+    run: RunSection = Field(default_factory=RunSection)
+    """Run directory and supervision."""
+    network: NetworkSection = Field(default_factory=NetworkSection)
+    """ZeroMQ addresses and transport limits."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        lr, al, st, arch = self.learner, self.algo, self.staleness, self.model.arch
+        if lr.groups_per_step % lr.minibatch_groups != 0:
+            raise ValueError(
+                f"learner.groups_per_step ({lr.groups_per_step}) must be a multiple of "
+                f"learner.minibatch_groups ({lr.minibatch_groups})"
+            )
+        if al.group_size < 2:
+            raise ValueError(
+                f"algo.group_size is {al.group_size}: a group baseline needs at least 2 responses per prompt"
+            )
+        if arch.num_attention_heads % arch.num_key_value_heads != 0:
+            raise ValueError(
+                f"model.arch.num_key_value_heads ({arch.num_key_value_heads}) must divide "
+                f"model.arch.num_attention_heads ({arch.num_attention_heads})"
+            )
+        if arch.num_experts_per_tok > arch.num_experts:
+            raise ValueError(
+                f"model.arch.num_experts_per_tok ({arch.num_experts_per_tok}) exceeds "
+                f"model.arch.num_experts ({arch.num_experts})"
+            )
+        if al.icepop_low >= al.icepop_high:
+            raise ValueError("algo.icepop_low must be below algo.icepop_high")
+        # Admission: with G responses per group each sampler batch needs at least one whole group.
+        if self.sampler.max_batch_size < al.group_size:
+            raise ValueError(
+                f"sampler.max_batch_size ({self.sampler.max_batch_size}) must hold one whole group "
+                f"(algo.group_size = {al.group_size})"
+            )
+        if st.routing_replay == "auto" and st.r3_min_lag < 1 and st.max_staleness == 0:
+            pass  # legal: R3 from the first update
+        addrs = {
+            "work_addr": self.network.work_addr,
+            "weights_addr": self.network.weights_addr,
+            "rollout_addr": self.network.rollout_addr,
+            "scored_addr": self.network.scored_addr,
+        }
+        seen: dict[str, str] = {}
+        for key, addr in addrs.items():
+            if addr in seen:
+                raise ValueError(f"network.{key} and network.{seen[addr]} are both {addr!r}; give each its own")
+            seen[addr] = key
+        return self
+
+    @property
+    def num_minibatches(self) -> int:
+        """N: optimizer updates per global step."""
+        return self.learner.groups_per_step // self.learner.minibatch_groups
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str, source: str) -> None:
+    """Reject unknown keys with the closest valid one (before pydantic, for a friendlier message)."""
+    fields = model.model_fields
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"{source}: unknown config key '{path}'{hint}")
+        ann = fields[key].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{path}' is a section; expected a table, got {value!r}")
+            _check_keys(value, ann, f"{path}.", source)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare strings need no quotes on the command line
+    return key.split("."), value
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < TOML file at `path` < `key.sub=value` overrides. Raises ConfigError with a clear message."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from e
+        source = str(p)
+        _check_keys(raw, Config, "", source)
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        tree: dict[str, Any] = {}
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+        _check_keys(tree, Config, "", f"override {item!r}")
+        _merge(raw, tree)
+        source = f"{source} + overrides" if "overrides" not in source else source
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            where = f"'{loc}'" if loc else "config"
+            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})" if loc else err["msg"])
+        raise ConfigError(f"{source}: invalid config: " + "; ".join(lines)) from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A TOML-serialisable dict (None values are dropped: TOML has no null, and None is the default)."""
+
+    def strip(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if v is not None}
+        if isinstance(d, tuple):
+            return list(d)
+        return d
+
+    return strip(cfg.model_dump(mode="python"))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; `load_config(path)` gives back an equal Config."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(tomli_w.dumps(config_to_dict(cfg)))
+
+
+def describe(section: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf field, for `--help`-style listings and docs."""
+    out = []
+    for name, f in section.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(describe(ann, f"{prefix}{name}."))
+        else:
+            default = f.get_default(call_default_factory=True)
+            out.append((f"{prefix}{name}", repr(default), (f.description or "").strip()))
+    return out

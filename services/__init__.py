@@ -1,0 +1,1 @@
+"""Process entry points (imports as `minirl_async.services`): sampler, grader, learner, local launcher."""
