@@ -79,9 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from minirl_async.config import ConfigError
+    from minirl_async.config import ConfigError, load_config
 
     try:
+        if hasattr(args, "overrides"):
+            # Validate before starting anything; commands may use args.cfg or load again themselves.
+            args.cfg = load_config(args.config, args.overrides)
         return int(_resolve(COMMANDS[args.command][0])(args) or 0)
     except ConfigError as e:
         print(f"minirl-async: config error: {e}", file=sys.stderr)

@@ -296,7 +296,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        lr, al, st, arch = self.learner, self.algo, self.staleness, self.model.arch
+        lr, al, arch = self.learner, self.algo, self.model.arch
         if lr.groups_per_step % lr.minibatch_groups != 0:
             raise ValueError(
                 f"learner.groups_per_step ({lr.groups_per_step}) must be a multiple of "
@@ -324,8 +324,6 @@ class Config(_Section):
                 f"sampler.max_batch_size ({self.sampler.max_batch_size}) must hold one whole group "
                 f"(algo.group_size = {al.group_size})"
             )
-        if st.routing_replay == "auto" and st.r3_min_lag < 1 and st.max_staleness == 0:
-            pass  # legal: R3 from the first update
         addrs = {
             "work_addr": self.network.work_addr,
             "weights_addr": self.network.weights_addr,
