@@ -220,6 +220,8 @@ class DataSection(_Section):
     """Difficulty knob of the synthetic task."""
     jsonl_path: str = ""
     """Prompt dataset, one JSON object per line (used when task = 'jsonl')."""
+    eval_jsonl_path: str = ""
+    """Held-out prompt dataset for eval when task = 'jsonl' (synthetic tasks hash-partition their own)."""
     bad_line_policy: Literal["skip", "fail"] = "skip"
     """A malformed JSONL line is reported with its number and skipped, or fails the load."""
     tokenizer_path: str = ""

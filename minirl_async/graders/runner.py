@@ -1,0 +1,167 @@
+"""The grader runner: grades whole groups concurrently, bounds time per sample, and turns every grader
+failure into a counted, policy-handled outcome instead of a crash.
+
+Failure kinds (counted in `GraderRunner.error_counts`): `raised` (the grader raised), `import` (it raised
+ImportError at call time), `timeout` (over `timeout_s`), `non_finite` (NaN or inf), `bad_type` (None, a
+string, or anything not a number / GradeResult). Policy (`grader.failure_policy`):
+- `zero`: a failed sample scores 0.0 and the group is kept;
+- `drop_group`: the group is marked `dropped` (the controller re-issues the prompt; nothing is trained on).
+
+Sync graders run in a thread pool (so a slow one does not stall the event loop); a sync grader that hangs
+cannot be killed from Python: its thread is abandoned after the timeout and, once `concurrency` threads are
+stuck, a fresh pool replaces the old one. Async graders are cancelled at the timeout. Code under test never
+runs here: the `code` grader runs it in a sandboxed subprocess.
+
+    runner = GraderRunner.from_config(cfg.grader)        # loads the grader now: import errors surface at start
+    result = await runner.grade_group(samples)           # GroupGrade(rewards, infos, errors, dropped)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import numbers
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from minirl_async.config import GraderSection
+from minirl_async.graders.base import Grader, GradeResult, Sample, load_grader
+
+ERROR_KINDS = ("raised", "import", "timeout", "non_finite", "bad_type")
+
+
+class GradeFailure(Exception):
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+@dataclass
+class GroupGrade:
+    """The grading of one group, aligned with its samples."""
+
+    rewards: list[float]
+    """Reward per sample (0.0 for a failed sample under either policy)."""
+    infos: list[dict[str, Any]]
+    """Grader info per sample; failed samples carry {"error": kind, "detail": message}."""
+    errors: list[str | None] = field(default_factory=list)
+    """Failure kind per sample, None when graded."""
+    dropped: bool = False
+    """True when the policy is drop_group and a sample failed: do not train on this group."""
+
+    @property
+    def num_errors(self) -> int:
+        return sum(e is not None for e in self.errors)
+
+
+def _is_async(grader: Any) -> bool:
+    target = grader.func if hasattr(grader, "func") and hasattr(grader, "args") else grader  # functools.partial
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(type(target).__call__)
+
+
+def to_result(out: Any) -> GradeResult:
+    """Validate a grader's return value; raises GradeFailure('bad_type' | 'non_finite')."""
+    if isinstance(out, GradeResult):
+        reward, info = out.reward, dict(out.info)
+    else:
+        reward, info = out, {}
+    if isinstance(reward, bool):
+        reward = float(reward)
+    if not isinstance(reward, numbers.Real):
+        raise GradeFailure("bad_type", f"grader returned {type(reward).__name__} {reward!r:.80}, expected a number")
+    reward = float(reward)
+    if not math.isfinite(reward):
+        raise GradeFailure("non_finite", f"grader returned {reward}")
+    return GradeResult(reward, info)
+
+
+class GraderRunner:
+    """Concurrency limit, per-sample timeout and failure policy around one grader."""
+
+    def __init__(self, grader: Grader, concurrency: int = 8, timeout_s: float = 10.0,
+                 failure_policy: Literal["drop_group", "zero"] = "drop_group"):
+        if failure_policy not in ("drop_group", "zero"):
+            raise ValueError(f"grader.failure_policy must be 'drop_group' or 'zero' (got {failure_policy!r})")
+        if concurrency < 1 or timeout_s <= 0:
+            raise ValueError("grader.concurrency must be >= 1 and grader.timeout_s > 0")
+        self.grader, self.concurrency, self.timeout_s, self.policy = grader, concurrency, timeout_s, failure_policy
+        self.is_async = _is_async(grader)
+        self.error_counts: Counter[str] = Counter()
+        self.num_graded = 0
+        self.num_dropped_groups = 0
+        self._sem: asyncio.Semaphore | None = None
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="grader")
+        self._stuck_threads = 0
+
+    @classmethod
+    def from_config(cls, section: GraderSection) -> GraderRunner:
+        """Load `grader.name` with `grader.kwargs` (GraderLoadError now, naming the path) and wrap it."""
+        grader = load_grader(section.name, section.kwargs)
+        return cls(grader, section.concurrency, section.timeout_s, section.failure_policy)
+
+    async def _call(self, sample: Sample) -> Any:
+        if self.is_async:
+            return await asyncio.wait_for(self.grader(sample), self.timeout_s)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, self.grader, sample)
+        try:
+            out = await asyncio.wait_for(fut, self.timeout_s)
+        except TimeoutError:
+            self._stuck_threads += 1
+            if self._stuck_threads >= self.concurrency:  # every worker is stuck: start a fresh pool
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="grader")
+                self._stuck_threads = 0
+            raise
+        if inspect.isawaitable(out):  # a sync callable that returned a coroutine
+            out = await asyncio.wait_for(out, self.timeout_s)
+        return out
+
+    async def grade(self, sample: Sample) -> tuple[GradeResult | None, str | None, str]:
+        """(result, None, "") on success, (None, kind, detail) on failure; never raises for grader faults."""
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.concurrency)
+        async with self._sem:
+            try:
+                out = await self._call(sample)
+                return to_result(out), None, ""
+            except GradeFailure as e:
+                return None, e.kind, e.detail
+            except TimeoutError:
+                return None, "timeout", f"grader took longer than grader.timeout_s = {self.timeout_s}s"
+            except ImportError as e:
+                return None, "import", f"{type(e).__name__}: {e}"
+            except Exception as e:
+                return None, "raised", f"{type(e).__name__}: {e}"
+
+    async def grade_group(self, samples: list[Sample]) -> GroupGrade:
+        """Grade every sample of a group concurrently and apply the failure policy."""
+        outcomes = await asyncio.gather(*(self.grade(s) for s in samples))
+        rewards, infos, errors = [], [], []
+        for result, kind, detail in outcomes:
+            self.num_graded += 1
+            if result is None:
+                assert kind is not None
+                self.error_counts[kind] += 1
+                rewards.append(0.0)
+                infos.append({"error": kind, "detail": detail})
+            else:
+                rewards.append(result.reward)
+                infos.append(result.info)
+            errors.append(kind)
+        dropped = self.policy == "drop_group" and any(e is not None for e in errors)
+        self.num_dropped_groups += dropped
+        return GroupGrade(rewards, infos, errors, dropped)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics: graded samples, dropped groups, errors in total and by kind."""
+        out = {"graded": self.num_graded, "dropped_groups": self.num_dropped_groups,
+               "errors": sum(self.error_counts.values())}
+        out.update({f"errors/{k}": self.error_counts.get(k, 0) for k in ERROR_KINDS})
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
