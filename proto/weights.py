@@ -1,0 +1,276 @@
+"""Weight streaming: a state dict as versioned, checksummed safetensors chunks, and their reassembly.
+
+Sender (learner rank 0): `WeightSender.publish(version, state_fn)` first PLANS the chunks from names,
+shapes and dtypes only (so every chunk can say "i of n"), then walks `state_fn()` again tensor by tensor,
+quantising linear weights to block-FP8 when asked, and serialises one bucket at a time: the sender holds
+at most one chunk beyond the live weights, never a second full copy.
+
+Late joiners: `WeightSender.resend()` streams the last published version again. Two ways, chosen by
+`keep_blobs`:
+- `keep_blobs=False` (default): re-serialise from the live state. Costs no memory, but the live state
+  must still BE that version, so the learner answers WeightsRequests between steps (after publishing,
+  before the next optimizer update). Each re-serialised chunk's checksum is compared with the published
+  one, so a state that has moved on raises instead of sending different weights under an old number.
+- `keep_blobs=True`: keep the published chunks (one extra serialised copy of the weights, in the
+  sampler's precision: ~1 byte/param with FP8) and resend them at any time, even mid-step.
+
+Receiver (sampler): `WeightReceiver.feed(msg)` verifies each chunk's checksum and blob as it arrives (the
+next chunk is received meanwhile by zmq's I/O thread), refuses chunks of versions older than the one it
+is assembling or has applied, and returns a `WeightSet` only when all `n` chunks of a version are in and
+the tensor set is complete (and equals `expected_names` if given). The tensors view the received frames.
+
+    sender = WeightSender(chunk_bytes=16 << 20, fp8_block=128)
+    for msg in sender.publish(version, lambda: iter_hf_state(model)): sock.send_multipart(encode(msg), copy=False)
+    update = receiver.feed(decode(frames))   # None until complete, then WeightSet(version, tensors, ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from minirl_async.proto.messages import ProtocolError, WeightUpdate
+from minirl_async.proto.stblob import checksum, default_checksum_algo, read_blob, tensor_nbytes, write_blob
+
+StateFn = Callable[[], Iterable[tuple[str, torch.Tensor]]]
+SCALE_SUFFIX = "_scale_inv"  # same as minirl_async.models.fp8.SCALE_SUFFIX (HF FP8 checkpoint naming)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one tensor: all the planner needs."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.shape, self.dtype)
+
+
+@dataclass
+class WeightSet:
+    """A complete, verified weight update as handed to the engine."""
+
+    version: int
+    tensors: dict[str, torch.Tensor]
+    fp8: bool
+    fp8_block: int
+
+
+@dataclass
+class _Plan:
+    version: int
+    buckets: list[list[TensorSpec]]  # source tensors of each chunk, in state_fn order
+    num_tensors: int  # tensors on the wire (a quantised weight counts twice: weight + scale)
+    checksums: list[int] = field(default_factory=list)
+    blobs: list[bytearray] = field(default_factory=list)
+
+
+def _default_fp8_filter(name: str) -> bool:
+    from minirl_async.models.fp8 import should_quantize
+
+    return should_quantize(name)
+
+
+def _default_quantize(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from minirl_async.models.fp8 import quantize_block_fp8
+
+    return quantize_block_fp8(w, block)
+
+
+class WeightSender:
+    """Plans and serialises weight chunks; keeps the last plan for late joiners (see module docstring)."""
+
+    def __init__(self, chunk_bytes: int, *, fp8_block: int = 0, dtype: torch.dtype | None = None,
+                 keep_blobs: bool = False, checksum_algo: str | None = None,
+                 fp8_filter: Callable[[str], bool] | None = None,
+                 quantize: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """chunk_bytes: target chunk size; fp8_block > 0 quantises what `fp8_filter` selects (default: the
+        HF projections, as `models.fp8.should_quantize`); dtype: cast other floating tensors (e.g. bf16)."""
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        if fp8_block < 0:
+            raise ValueError(f"fp8_block must be >= 0 (0 = no FP8), got {fp8_block}")
+        self.chunk_bytes = chunk_bytes
+        self.fp8_block = fp8_block
+        self.dtype = dtype
+        self.keep_blobs = keep_blobs
+        self.checksum_algo = checksum_algo or default_checksum_algo()
+        self.fp8_filter = fp8_filter or _default_fp8_filter
+        self.quantize = quantize or _default_quantize
+        self._plan: _Plan | None = None
+        self._state_fn: StateFn | None = None
+
+    @property
+    def last_version(self) -> int:
+        """Version of the last completed publish, -1 before the first."""
+        return self._plan.version if self._plan is not None and self._plan.checksums else -1
+
+    # ------------------------------------------------------------ planning (names, shapes, dtypes only)
+    def _wire_specs(self, s: TensorSpec) -> list[TensorSpec]:
+        if self.fp8_block and len(s.shape) == 2 and self.fp8_filter(s.name):
+            b = self.fp8_block
+            scale = (-(-s.shape[0] // b), -(-s.shape[1] // b))
+            return [TensorSpec(s.name, s.shape, torch.float8_e4m3fn),
+                    TensorSpec(s.name + SCALE_SUFFIX, scale, torch.float32)]
+        if self.dtype is not None and s.dtype.is_floating_point:
+            return [TensorSpec(s.name, s.shape, self.dtype)]
+        return [s]
+
+    def plan(self, version: int, specs: Iterable[TensorSpec]) -> _Plan:
+        """Greedy buckets of about `chunk_bytes` (wire bytes); a tensor larger than that travels alone."""
+        buckets: list[list[TensorSpec]] = [[]]
+        size, num_tensors, names = 0, 0, set()
+        for s in specs:
+            if s.name in names:
+                raise ValueError(f"tensor {s.name} appears twice in the state")
+            names.add(s.name)
+            wire = self._wire_specs(s)
+            nbytes = sum(w.nbytes for w in wire)
+            num_tensors += len(wire)
+            if buckets[-1] and size + nbytes > self.chunk_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(s)
+            size += nbytes
+        if num_tensors == 0:
+            raise ValueError("cannot publish an empty state")
+        return _Plan(version, buckets, num_tensors)
+
+    # ------------------------------------------------------------ streaming
+    def publish(self, version: int, state_fn: StateFn, specs: Iterable[TensorSpec] | None = None
+                ) -> Iterator[WeightUpdate]:
+        """Chunks of `version`. `state_fn()` yields (name, tensor) in a fixed order; without `specs` it is
+        called once more, first, to read names/shapes/dtypes (cheap for live parameters)."""
+        if self._plan is not None and version <= self._plan.version:
+            raise ValueError(f"version {version} is not newer than the last published {self._plan.version}")
+        if specs is None:
+            specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in state_fn()]
+        plan = self.plan(version, specs)
+        self._plan, self._state_fn = None, state_fn
+        for msg, blob in self._serialise(plan, state_fn):
+            plan.checksums.append(msg.checksum)
+            if self.keep_blobs:
+                plan.blobs.append(blob)
+            yield msg
+        self._plan = plan
+
+    def resend(self) -> Iterator[WeightUpdate]:
+        """The last published version's chunks again (from kept blobs, or re-serialised and verified)."""
+        plan = self._plan
+        if plan is None:
+            raise ValueError("nothing published yet")
+        if self.keep_blobs:
+            for i, blob in enumerate(plan.blobs):
+                yield self._message(plan, i, blob, plan.checksums[i])
+            return
+        assert self._state_fn is not None
+        for msg, _ in self._serialise(plan, self._state_fn):
+            if msg.checksum != plan.checksums[msg.chunk_index]:
+                raise RuntimeError(
+                    f"weights changed since version {plan.version} was published (chunk {msg.chunk_index} differs); "
+                    "answer WeightsRequests between steps or use keep_blobs=True")
+            yield msg
+
+    def _message(self, plan: _Plan, index: int, blob: bytearray, csum: int) -> WeightUpdate:
+        return WeightUpdate(version=plan.version, chunk_index=index, num_chunks=len(plan.buckets),
+                            num_tensors=plan.num_tensors, blob=blob, checksum=csum,
+                            checksum_algo=self.checksum_algo, fp8=self.fp8_block > 0, fp8_block=self.fp8_block)
+
+    def _serialise(self, plan: _Plan, state_fn: StateFn) -> Iterator[tuple[WeightUpdate, bytearray]]:
+        it = iter(state_fn())
+        for index, bucket in enumerate(plan.buckets):
+            tensors: list[tuple[str, torch.Tensor]] = []
+            for spec in bucket:
+                item = next(it, None)
+                if item is None:
+                    raise ValueError(f"state ended before {spec.name}; state_fn must yield the planned tensors")
+                name, t = item
+                if name != spec.name or tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+                    raise ValueError(f"state yielded {name} {tuple(t.shape)} {t.dtype} where the plan has "
+                                     f"{spec.name} {spec.shape} {spec.dtype}; state_fn must be deterministic")
+                tensors.extend(self._wire_tensors(spec, t))
+            blob = write_blob(tensors, {"version": str(plan.version), "chunk": f"{index}/{len(plan.buckets)}"})
+            yield self._message(plan, index, blob, checksum(blob, self.checksum_algo)), blob
+        if next(it, None) is not None:
+            raise ValueError("state yielded more tensors than planned; state_fn must be deterministic")
+
+    def _wire_tensors(self, spec: TensorSpec, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        wire = self._wire_specs(spec)
+        if len(wire) == 2:
+            q, s = self.quantize(t, self.fp8_block)
+            out = [(wire[0].name, q), (wire[1].name, s)]
+        else:
+            out = [(spec.name, t.to(wire[0].dtype) if t.dtype != wire[0].dtype else t)]
+        for (n, x), w in zip(out, wire):
+            assert tuple(x.shape) == w.shape and x.dtype == w.dtype, f"{n}: {tuple(x.shape)} {x.dtype} != plan {w}"
+        return out
+
+
+class WeightReceiver:
+    """Assembles chunks into a complete, verified `WeightSet` (see module docstring for the rules)."""
+
+    def __init__(self, expected_names: Collection[str] | None = None, version: int = -1):
+        self.expected_names = frozenset(expected_names) if expected_names is not None else None
+        self.version = version  # last complete version handed over (-1: none)
+        self.abandoned = 0  # versions given up because a newer one started
+        self._pending: WeightUpdate | None = None  # first chunk seen of the version being assembled
+        self._chunks: dict[int, dict[str, torch.Tensor]] = {}
+
+    @property
+    def pending_version(self) -> int | None:
+        return self._pending.version if self._pending is not None else None
+
+    def missing_chunks(self) -> list[int]:
+        """Chunk indices still missing for the version being assembled (re-request after a timeout)."""
+        if self._pending is None:
+            return []
+        return [i for i in range(self._pending.num_chunks) if i not in self._chunks]
+
+    def feed(self, msg: WeightUpdate) -> WeightSet | None:
+        """Take one chunk; the complete update once its last chunk arrives. Bad chunks raise ProtocolError."""
+        where = f"weight chunk {msg.chunk_index}/{msg.num_chunks} of version {msg.version}"
+        if msg.version <= self.version:
+            raise ProtocolError(f"{where}: version {self.version} is already applied; dropping the older chunk")
+        p = self._pending
+        if p is not None and msg.version < p.version:
+            raise ProtocolError(f"{where}: interleaved with newer version {p.version} being assembled; dropped")
+        if p is not None and msg.version > p.version:
+            self.abandoned += 1
+            p = None
+        if p is None:
+            self._pending, self._chunks, p = msg, {}, msg
+        if (msg.num_chunks, msg.num_tensors, msg.fp8, msg.fp8_block) != (
+                p.num_chunks, p.num_tensors, p.fp8, p.fp8_block):
+            raise ProtocolError(f"{where}: num_chunks/num_tensors/fp8 disagree with the version's first chunk")
+        if msg.chunk_index in self._chunks:
+            raise ProtocolError(f"{where}: duplicate chunk")
+        got = checksum(msg.blob, msg.checksum_algo)
+        if got != msg.checksum:
+            raise ProtocolError(f"{where}: {msg.checksum_algo} checksum mismatch (computed {got:#x}, "
+                                f"sent {msg.checksum:#x}); chunk dropped")
+        tensors, _ = read_blob(msg.blob)
+        for name in tensors:
+            if any(name in c for c in self._chunks.values()):
+                raise ProtocolError(f"{where}: tensor {name} already arrived in another chunk")
+        self._chunks[msg.chunk_index] = tensors
+        if len(self._chunks) < p.num_chunks:
+            return None
+        return self._complete(p, where)
+
+    def _complete(self, p: WeightUpdate, where: str) -> WeightSet:
+        merged: dict[str, torch.Tensor] = {}
+        for i in range(p.num_chunks):
+            merged.update(self._chunks[i])
+        self._pending, self._chunks = None, {}
+        if len(merged) != p.num_tensors:
+            raise ProtocolError(f"{where}: {len(merged)} tensors arrived, the sender announced {p.num_tensors}")
+        if self.expected_names is not None and set(merged) != self.expected_names:
+            missing = sorted(self.expected_names - merged.keys())[:5]
+            extra = sorted(merged.keys() - self.expected_names)[:5]
+            raise ProtocolError(f"{where}: tensor set differs from the expected one (missing {missing}, extra {extra})")
+        self.version = p.version
+        return WeightSet(p.version, merged, p.fp8, p.fp8_block)
