@@ -140,6 +140,8 @@ class ModelConfig:
             "sliding_window": None,
             "max_window_layers": self.num_hidden_layers,
             "rope_scaling": None,
+            # transformers 5 reads rope_parameters, earlier versions (and SGLang's) rope_theta: write both.
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "output_router_logits": False,
             "router_aux_loss_coef": 0.001,
             "use_cache": True,
@@ -167,6 +169,8 @@ class ModelConfig:
             raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only default rotary)")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
+        if "num_experts" not in kw and "num_local_experts" in d:  # transformers 5 writes this alias
+            kw["num_experts"] = d["num_local_experts"]
         if "rope_theta" not in kw and "rope_theta" in rope_params:
             kw["rope_theta"] = rope_params["rope_theta"]
         kw = {**_HF_DEFAULTS, **kw}
