@@ -230,6 +230,8 @@ class DataSection(_Section):
     """Seed of the prompt stream."""
     num_eval: int = Field(256, ge=1)
     """Held-out prompts used by eval."""
+    eval_samples: int = Field(4, ge=1)
+    """Sampled responses per held-out prompt in eval (k of pass@k)."""
     sft: SFTSection = Field(default_factory=SFTSection)
     """Cold-start SFT settings."""
 
@@ -262,14 +264,23 @@ class NetworkSection(_Section):
     """zmq MAXMSGSIZE on every socket; larger messages are refused."""
     hwm: int = Field(1000, ge=1)
     """Default high-water mark (messages)."""
-    weight_chunk_mb: float = Field(64.0, gt=0)
-    """Size of one safetensors weight chunk."""
+    weight_chunk_mb: float = Field(16.0, gt=0)
+    """Size of one safetensors weight chunk. Keep it <= 16: glibc serves blocks over ~32 MB with fresh mmap
+    pages, and first-touch page faults then halve or quarter loopback throughput (bench weightsync)."""
+    weights_hwm: int = Field(8, ge=1)
+    """Weight chunks queued per subscriber before the publisher waits (chunks are never dropped)."""
+    weight_keep_blobs: bool = False
+    """Keep the last published chunks for late joiners (one serialised copy of the weights) instead of
+    re-serialising them from the live state between steps."""
     curve_server_key: str = ""
     """CurveZMQ server secret key file (empty: no encryption)."""
     curve_client_key: str = ""
     """CurveZMQ client secret key file."""
     curve_server_public: str = ""
     """CurveZMQ server public key file (clients)."""
+    curve_allowed_clients: str = ""
+    """Folder of client public key files (NAME.key) a CURVE server accepts (empty: any client with the
+    server key)."""
     heartbeat_s: float = Field(2.0, gt=0)
     """Heartbeat period."""
 

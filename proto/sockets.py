@@ -1,0 +1,323 @@
+"""Socket helpers: one factory per socket of DESIGN.md's diagram, sending, and a hardened receive loop.
+
+Every socket gets LINGER (close waits at most `linger_ms` for unsent messages, never forever),
+MAXMSGSIZE (a peer sending a larger frame is disconnected by zmq; `decode` also refuses larger
+messages), high-water marks, ZMTP heartbeats (a dead TCP peer is noticed within ~3 heartbeats) and,
+when configured, CurveZMQ. Binding sockets are CURVE servers (server secret key file), connecting
+sockets are CURVE clients (client secret key file + server public key file); `start_authenticator`
+restricts servers to the client public keys in a folder. Addresses come from the config and default to
+127.0.0.1 (or `ipc://` in the run directory).
+
+| socket | pattern | side | HWM full / no peer |
+|---|---|---|---|
+| work_router  | ROUTER (bind)  | learner  | ROUTER_MANDATORY: send blocks at HWM, raises EHOSTUNREACH for an unknown peer |
+| work_dealer  | DEALER (connect, identity = sampler id) | sampler | send blocks (back-pressure) |
+| weights_pub  | XPUB (bind, VERBOSE, NODROP) | learner | send blocks at `weights_hwm` chunks: weights are never dropped |
+| weights_sub  | SUB (connect) | sampler | subscribes to the broadcast topic and its own topic |
+| rollout_push / scored_push | PUSH (connect) | sampler / grader | send blocks: a slow grader/learner slows its producers |
+| rollout_pull / scored_pull | PULL (bind)    | grader / learner | fair-queues all producers |
+
+Start-up handshake of the weights channel (no chunk lost to a slow subscriber): a sampler connects its
+SUB (subscribing to `BROADCAST_TOPIC` and `personal_topic(sampler_id)`) and sends a WeightsRequest on its
+DEALER. The learner's XPUB sees the personal subscription only once that SUB is attached, and only then
+(`WeightPublisher.serve_pending`) streams the last version on the personal topic; every later version
+reaches it as a broadcast. Subscription-gated, so no message goes to a pipe that does not exist yet.
+
+    ctx = zmq.asyncio.Context(); opts = SocketOptions.from_config(cfg.network)
+    pull = scored_pull(ctx, cfg.network.scored_addr, opts)
+    await receive_loop(pull, handle, max_bytes=opts.max_msg_bytes, stats=stats, log=log)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import zmq
+import zmq.asyncio
+import zmq.auth
+from minirl_async.proto.codec import decode, encode
+from minirl_async.proto.messages import Message, ProtocolError, WeightsRequest
+from minirl_async.proto.weights import StateFn, TensorSpec, WeightSender
+
+BROADCAST_TOPIC = b"w:*\x00"
+
+
+def personal_topic(sampler_id: str) -> bytes:
+    """Topic of one sampler on the weights channel; never a prefix of another id's or the broadcast's."""
+    return b"w:@" + sampler_id.encode() + b"\x00"
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """CurveZMQ key files (written by `minirl-async keys DIR --name NAME`); empty strings: no CURVE."""
+
+    server_secret_file: str = ""
+    """NAME.key_secret of the server pair: needed by every process that binds."""
+    client_secret_file: str = ""
+    """NAME.key_secret of this client's pair: needed by every process that connects."""
+    server_public_file: str = ""
+    """NAME.key of the server pair: clients verify the server with it."""
+    allowed_clients_dir: str = ""
+    """Folder of the NAME.key files of clients a server accepts (see start_authenticator)."""
+
+
+@dataclass(frozen=True)
+class SocketOptions:
+    """Transport settings shared by all factories (build them with `from_config(cfg.network)`)."""
+
+    hwm: int = 1000
+    weights_hwm: int = 8
+    max_msg_bytes: int = 1 << 30
+    linger_ms: int = 1000
+    heartbeat_s: float = 2.0
+    curve: CurveConfig = field(default_factory=CurveConfig)
+
+    @classmethod
+    def from_config(cls, net: Any) -> SocketOptions:
+        return cls(hwm=net.hwm, weights_hwm=net.weights_hwm, max_msg_bytes=net.max_msg_bytes,
+                   heartbeat_s=net.heartbeat_s,
+                   curve=CurveConfig(net.curve_server_key, net.curve_client_key, net.curve_server_public,
+                                     net.curve_allowed_clients))
+
+
+def _load_keys(path: str, what: str) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the CurveZMQ {what} {path!r} ({e}); write one with `minirl-async keys DIR`") from None
+    return public, secret
+
+
+def _configure(sock: zmq.Socket, opts: SocketOptions, server: bool) -> None:
+    sock.setsockopt(zmq.LINGER, opts.linger_ms)
+    sock.setsockopt(zmq.MAXMSGSIZE, opts.max_msg_bytes)
+    sock.setsockopt(zmq.SNDHWM, opts.hwm)
+    sock.setsockopt(zmq.RCVHWM, opts.hwm)
+    ivl = max(1, int(opts.heartbeat_s * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+    c = opts.curve
+    if server and c.server_secret_file:
+        public, secret = _load_keys(c.server_secret_file, "server secret key")
+        if secret is None:
+            raise ValueError(f"{c.server_secret_file} holds no secret key; pass the NAME.key_secret file")
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_server = True
+    elif not server and (c.client_secret_file or c.server_public_file):
+        if not (c.client_secret_file and c.server_public_file):
+            raise ValueError("a CURVE client needs both network.curve_client_key and network.curve_server_public")
+        public, secret = _load_keys(c.client_secret_file, "client secret key")
+        if secret is None:
+            raise ValueError(f"{c.client_secret_file} holds no secret key; pass the NAME.key_secret file")
+        server_public, _ = _load_keys(c.server_public_file, "server public key")
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_public
+
+
+def _make(ctx: zmq.Context, kind: int, addr: str, opts: SocketOptions, bind: bool,
+          identity: bytes | None = None) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    try:
+        _configure(sock, opts, server=bind)
+        if identity is not None:
+            sock.setsockopt(zmq.ROUTING_ID, identity)
+        if kind == zmq.XPUB:
+            sock.setsockopt(zmq.SNDHWM, opts.weights_hwm)
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # pass every subscription: each is a "subscriber ready"
+            sock.setsockopt(zmq.XPUB_NODROP, 1)  # block at HWM instead of silently dropping chunks
+        if kind == zmq.SUB:
+            sock.setsockopt(zmq.RCVHWM, opts.weights_hwm)
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.bind(addr) if bind else sock.connect(addr)
+    except BaseException:
+        sock.close(0)
+        raise
+    return sock
+
+
+def work_router(ctx: zmq.Context, addr: str, opts: SocketOptions) -> zmq.Socket:
+    """Learner ROUTER (bind): WorkRequest, WeightsRequest, Heartbeat in; WorkGrant out. Frames: [id, ...]."""
+    return _make(ctx, zmq.ROUTER, addr, opts, bind=True)
+
+
+def work_dealer(ctx: zmq.Context, addr: str, sampler_id: str, opts: SocketOptions) -> zmq.Socket:
+    """Sampler DEALER (connect) with routing id = sampler id, so the learner can address it by name."""
+    return _make(ctx, zmq.DEALER, addr, opts, bind=False, identity=sampler_id.encode())
+
+
+def weights_pub(ctx: zmq.Context, addr: str, opts: SocketOptions) -> zmq.Socket:
+    """Learner XPUB (bind): WeightUpdate chunks as [topic, frames...]; receives subscription events."""
+    return _make(ctx, zmq.XPUB, addr, opts, bind=True)
+
+
+def weights_sub(ctx: zmq.Context, addr: str, sampler_id: str, opts: SocketOptions) -> zmq.Socket:
+    """Sampler SUB (connect) on the broadcast topic and its personal topic (see the handshake above)."""
+    sock = _make(ctx, zmq.SUB, addr, opts, bind=False)
+    sock.setsockopt(zmq.SUBSCRIBE, BROADCAST_TOPIC)
+    sock.setsockopt(zmq.SUBSCRIBE, personal_topic(sampler_id))
+    return sock
+
+
+def rollout_push(ctx: zmq.Context, addr: str, opts: SocketOptions, bind: bool = False) -> zmq.Socket:
+    """Sampler PUSH of RolloutGroups (blocks when graders fall behind)."""
+    return _make(ctx, zmq.PUSH, addr, opts, bind=bind)
+
+
+def rollout_pull(ctx: zmq.Context, addr: str, opts: SocketOptions, bind: bool = True) -> zmq.Socket:
+    """Grader PULL of RolloutGroups. One binder per address: with several graders, bind the samplers'
+    side instead (or run a PULL->PUSH `zmq.proxy`) and connect every grader."""
+    return _make(ctx, zmq.PULL, addr, opts, bind=bind)
+
+
+def scored_push(ctx: zmq.Context, addr: str, opts: SocketOptions, bind: bool = False) -> zmq.Socket:
+    """Grader PUSH of ScoredGroups (blocks when the learner's buffer is full: back-pressure)."""
+    return _make(ctx, zmq.PUSH, addr, opts, bind=bind)
+
+
+def scored_pull(ctx: zmq.Context, addr: str, opts: SocketOptions, bind: bool = True) -> zmq.Socket:
+    """Learner PULL of ScoredGroups from all graders."""
+    return _make(ctx, zmq.PULL, addr, opts, bind=bind)
+
+
+def start_authenticator(ctx: zmq.Context, allowed_clients_dir: str | None = None) -> Any:
+    """Start a ZAP authenticator for CURVE servers of `ctx`: only client public keys found in
+    `allowed_clients_dir` (NAME.key files) may connect; None allows any client holding the server key.
+    Returns the authenticator; call `.stop()` on shutdown."""
+    if isinstance(ctx, zmq.asyncio.Context):
+        from zmq.auth.asyncio import AsyncioAuthenticator
+
+        auth: Any = AsyncioAuthenticator(ctx)
+    else:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=allowed_clients_dir or zmq.auth.CURVE_ALLOW_ANY)
+    return auth
+
+
+# ---------------------------------------------------------------- sending and receiving
+def send_message(sock: zmq.Socket, msg: Message, *, identity: bytes | None = None,
+                 topic: bytes | None = None) -> Any:
+    """Encode and send (zero-copy). Returns what send_multipart returns: await it on asyncio sockets."""
+    frames = encode(msg)
+    if topic is not None:
+        frames.insert(0, topic)
+    if identity is not None:
+        frames.insert(0, identity)
+    return sock.send_multipart(frames, copy=False)
+
+
+@dataclass
+class ChannelStats:
+    """What a receive loop saw; services export these as metrics."""
+
+    received: int = 0
+    errors: int = 0
+    last_error: str = ""
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+Handler = Callable[[Message, bytes | None], Awaitable[None] | None]
+
+
+async def receive_loop(sock: zmq.asyncio.Socket, handle: Handler, *, envelope: Literal["none", "identity", "topic"] = "none",
+                       max_bytes: int = 1 << 30, stats: ChannelStats | None = None,
+                       log: logging.Logger | None = None) -> None:
+    """Receive, decode and hand each message to `handle(msg, peer)` (peer: ROUTER identity or topic, else
+    None) forever; cancel the task to stop. A ProtocolError from decoding or from the handler is logged,
+    counted and the message dropped; any other exception is a bug and propagates."""
+    stats = stats if stats is not None else ChannelStats()
+    log = log or logging.getLogger("minirl_async.proto")
+    while True:
+        frames = await sock.recv_multipart(copy=False)
+        try:
+            peer = None
+            if envelope != "none":
+                if len(frames) < 2:
+                    raise ProtocolError(f"message without its {envelope} frame")
+                peer, frames = frames[0].bytes, frames[1:]
+            msg = decode(frames, max_bytes=max_bytes)
+            stats.received += 1
+            stats.by_type[msg.TYPE] = stats.by_type.get(msg.TYPE, 0) + 1
+            result = handle(msg, peer)
+            if inspect.isawaitable(result):
+                await result
+        except ProtocolError as e:
+            stats.errors += 1
+            stats.last_error = str(e)
+            log.warning("dropped a bad message (%d so far): %s", stats.errors, e)
+
+
+# ---------------------------------------------------------------- learner side of the weights channel
+def parse_subscription(frame: Any) -> tuple[bool, bytes]:
+    """An XPUB event frame -> (subscribed?, topic)."""
+    data = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    if not data or data[0] not in (0, 1):
+        raise ProtocolError("not an XPUB subscription event")
+    return data[0] == 1, data[1:]
+
+
+class WeightPublisher:
+    """Broadcasts versions on an XPUB socket and serves WeightsRequests once the requester is subscribed.
+
+    With `sender.keep_blobs=False` the learner must call `serve_pending()` only between steps (the live
+    weights must still be the published version); with `keep_blobs=True` it is served as soon as the
+    subscription arrives.
+    """
+
+    def __init__(self, sock: zmq.asyncio.Socket, sender: WeightSender, log: logging.Logger | None = None):
+        self.sock, self.sender = sock, sender
+        self.log = log or logging.getLogger("minirl_async.proto")
+        self.subscribed: set[bytes] = set()  # personal topics whose SUB is attached
+        self.pending: dict[str, int] = {}  # sampler id -> have_version
+        self.resent = 0
+
+    async def publish(self, version: int, state_fn: StateFn, specs: list[TensorSpec] | None = None) -> int:
+        """Broadcast every chunk of `version`; returns the number of chunks."""
+        n = 0
+        for msg in self.sender.publish(version, state_fn, specs):
+            await send_message(self.sock, msg, topic=BROADCAST_TOPIC)
+            n += 1
+        return n
+
+    def on_request(self, req: WeightsRequest) -> None:
+        self.pending[req.sampler_id] = req.have_version
+
+    def on_subscription(self, frame: Any) -> None:
+        subscribed, topic = parse_subscription(frame)
+        if topic == BROADCAST_TOPIC:
+            return
+        (self.subscribed.add if subscribed else self.subscribed.discard)(topic)
+
+    async def serve_pending(self) -> int:
+        """Stream the last version to every pending requester that is subscribed and behind; returns how many."""
+        served = 0
+        for sampler_id, have in list(self.pending.items()):
+            topic = personal_topic(sampler_id)
+            if topic not in self.subscribed:
+                continue
+            del self.pending[sampler_id]
+            if self.sender.last_version <= have:
+                continue
+            for msg in self.sender.resend():
+                await send_message(self.sock, msg, topic=topic)
+            served += 1
+            self.resent += 1
+        return served
+
+    async def run_subscriptions(self) -> None:
+        """Track XPUB subscription events forever (cancel to stop); serves at once with kept blobs."""
+        while True:
+            frame = await self.sock.recv(copy=False)
+            try:
+                self.on_subscription(frame)
+            except ProtocolError as e:
+                self.log.warning("weights channel: %s", e)
+                continue
+            if self.sender.keep_blobs and self.pending:
+                await self.serve_pending()
