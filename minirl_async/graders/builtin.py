@@ -2,7 +2,7 @@
 (`load_grader("numeric", {"tolerance": 1e-3})`); all read the reference from `sample.meta["answer"]`.
 
 - exact:   the text after the last "####" (or the whole response) equals the answer, stripped.
-- numeric: the last number of the response is within `tolerance` (absolute) or `rel_tolerance` of the answer.
+- numeric: the last number (or fraction a/b) of the response is within `tolerance` (absolute) or `rel_tolerance` of the answer.
 - math:    the final answer (last \\boxed{...}, else after "####", else "answer is ...", else the last number),
            normalised (LaTeX spacing, \\text, \\frac, $, units of %, degrees), compared as a string or as an
            exact rational. Uses `math_verify` (the `math` extra) first when it is installed.
@@ -18,7 +18,8 @@ from typing import Any
 from minirl_async.graders.base import GradeResult, Sample, extract_answer
 from minirl_async.tasks.synthetic import ANSWER_PREFIX
 
-_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+# A number: digits with optional thousands commas, decimals, exponent, or a simple fraction "a/b".
+_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+|/\d+)?")
 
 
 def _reference(sample: Sample) -> str:

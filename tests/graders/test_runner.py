@@ -1,0 +1,123 @@
+"""The grader runner under bad graders: raises, hangs (sync and async), returns NaN / inf / None / a string,
+fails to import at call time. Each failure is counted by kind, the policy (zero / drop_group) applied, and
+the runner keeps grading afterwards. Also: concurrency limit and async graders."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from minirl_async.graders.base import GradeResult, Sample
+from minirl_async.graders.runner import ERROR_KINDS, GraderRunner
+
+
+def _samples(*responses: str) -> list[Sample]:
+    return [Sample("q", r, {"answer": "ok"}) for r in responses]
+
+
+def behaving_badly(sample: Sample) -> Any:
+    """Misbehaves according to the response text; 'ok' grades 1.0."""
+    r = sample.response_text
+    if r == "raise":
+        raise RuntimeError("grader bug")
+    if r == "hang":
+        time.sleep(3)
+        return 1.0
+    if r == "import":
+        import definitely_not_installed_pkg  # type: ignore[import-not-found]  # noqa: F401
+    return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "none": None, "str": "1.0", "list": [1.0],
+            "ok": 1.0, "bad": 0.0, "true": True, "result": GradeResult(0.5, {"why": "half"})}[r]
+
+
+EXPECTED_KIND = {"raise": "raised", "hang": "timeout", "import": "import", "nan": "non_finite",
+                 "inf": "non_finite", "-inf": "non_finite", "none": "bad_type", "str": "bad_type",
+                 "list": "bad_type"}
+
+
+@pytest.mark.parametrize("bad", sorted(EXPECTED_KIND))
+@pytest.mark.parametrize("policy", ["zero", "drop_group"])
+def test_each_failure_kind_is_counted_and_policy_applied(bad: str, policy: str) -> None:
+    runner = GraderRunner(behaving_badly, concurrency=4, timeout_s=0.3, failure_policy=policy)  # type: ignore[arg-type]
+    res = asyncio.run(runner.grade_group(_samples("ok", bad, "bad")))
+    assert res.errors == [None, EXPECTED_KIND[bad], None]
+    assert res.rewards == [1.0, 0.0, 0.0]
+    assert res.infos[1]["error"] == EXPECTED_KIND[bad] and res.infos[1]["detail"]
+    assert res.dropped == (policy == "drop_group")
+    assert runner.error_counts == {EXPECTED_KIND[bad]: 1}
+    stats = runner.stats()
+    assert stats["errors"] == 1 and stats[f"errors/{EXPECTED_KIND[bad]}"] == 1
+    # The runner keeps going: the next group grades normally.
+    again = asyncio.run(runner.grade_group(_samples("ok", "result", "true")))
+    assert again.rewards == [1.0, 0.5, 1.0] and not again.dropped and again.errors == [None] * 3
+    assert again.infos[1] == {"why": "half"}
+    runner.close()
+
+
+def test_all_kinds_in_one_group_are_all_counted() -> None:
+    runner = GraderRunner(behaving_badly, concurrency=16, timeout_s=0.3, failure_policy="zero")
+    res = asyncio.run(runner.grade_group(_samples(*EXPECTED_KIND, "ok")))
+    assert res.num_errors == len(EXPECTED_KIND) and res.rewards[-1] == 1.0
+    assert set(runner.error_counts) == set(ERROR_KINDS)
+    assert sum(runner.error_counts.values()) == len(EXPECTED_KIND)
+    runner.close()
+
+
+def test_hanging_async_grader_is_cancelled() -> None:
+    cancelled = []
+
+    async def slow(sample: Sample) -> float:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return 1.0
+
+    runner = GraderRunner(slow, timeout_s=0.2, failure_policy="zero")
+    t0 = time.monotonic()
+    res = asyncio.run(runner.grade_group(_samples("a", "b")))
+    assert res.errors == ["timeout", "timeout"] and cancelled == [True, True]
+    assert time.monotonic() - t0 < 5
+
+
+def test_stuck_sync_threads_do_not_block_later_groups() -> None:
+    release = threading.Event()
+
+    def stuck_then_fine(sample: Sample) -> float:
+        if sample.response_text == "stuck":
+            release.wait(5)
+        return 1.0
+
+    runner = GraderRunner(stuck_then_fine, concurrency=2, timeout_s=0.2, failure_policy="zero")
+    first = asyncio.run(runner.grade_group(_samples("stuck", "stuck")))
+    assert first.errors == ["timeout", "timeout"]
+    second = asyncio.run(runner.grade_group(_samples("ok", "ok")))  # a fresh pool replaced the stuck one
+    assert second.rewards == [1.0, 1.0]
+    release.set()
+    runner.close()
+
+
+def test_concurrency_limit_is_respected() -> None:
+    active, peak = 0, 0
+
+    async def counting(sample: Sample) -> float:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.01)
+        active -= 1
+        return 1.0
+
+    runner = GraderRunner(counting, concurrency=3, timeout_s=5)
+    res = asyncio.run(runner.grade_group(_samples(*["x"] * 20)))
+    assert res.rewards == [1.0] * 20 and peak == 3
+
+
+def test_invalid_policy_is_rejected() -> None:
+    with pytest.raises(ValueError, match="failure_policy"):
+        GraderRunner(behaving_badly, failure_policy="ignore")  # type: ignore[arg-type]
