@@ -294,6 +294,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         routing: router mode (`Routing`); None = free routing.
         kv_cache: object with `update(layer_idx, k_BHTd, v_BHTd) -> (k_BHSd, v_BHSd)`.
         attn_mask: bool `[B, 1, T, S]` (True = may attend) or an additive float mask; None = causal
-            (aligned to the end of the cache when a cache is given).
+            (aligned to the end of the cache when a cache is given). A query row that may attend to nothing
+            gives NaN (SDPA semantics): let padding rows attend at least to themselves.
         """
         return self.lm_head(self.forward_hidden(input_ids_BT, position_ids_BT, routing, kv_cache, attn_mask))

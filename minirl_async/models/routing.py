@@ -15,6 +15,7 @@ K top-k, E experts, N flattened tokens (B*T).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -81,3 +82,25 @@ def replay_gates(probs_NE: torch.Tensor, idx_NK: torch.Tensor, norm_topk_prob: b
     if norm_topk_prob:
         w_NK = w_NK / w_NK.sum(dim=-1, keepdim=True)
     return w_NK
+
+
+def batch_routes(routes: Sequence[torch.Tensor], T: int, offsets: Sequence[int] | None = None) -> torch.Tensor:
+    """Place per-sequence routes `[t_i, L, K]` (the sampler/SGLang layout, `t_i = prompt_len + response_len
+    - 1`) into a replay batch `[B, T, L, K]`: sequence i fills rows `offsets[i] .. offsets[i] + t_i`
+    (default 0: right padding; `T - t_i` gives left padding). Other rows get experts `0..K-1` (valid and
+    distinct); the caller masks those positions out of the loss. Dtype is that of the inputs."""
+    if not routes:
+        raise ValueError("batch_routes needs at least one sequence")
+    L, K = routes[0].shape[1:]
+    offs = list(offsets) if offsets is not None else [0] * len(routes)
+    if len(offs) != len(routes):
+        raise ValueError(f"{len(offs)} offsets for {len(routes)} sequences")
+    filler_K = torch.arange(K, dtype=routes[0].dtype, device=routes[0].device)
+    out_BTLK = filler_K.expand(len(routes), T, L, K).clone()
+    for i, (r, o) in enumerate(zip(routes, offs)):
+        if r.dim() != 3 or tuple(r.shape[1:]) != (L, K):
+            raise ValueError(f"routes[{i}] has shape {tuple(r.shape)}, expected [tokens, {L}, {K}]")
+        if o < 0 or o + r.shape[0] > T:
+            raise ValueError(f"routes[{i}] ({r.shape[0]} tokens at offset {o}) does not fit in T={T}")
+        out_BTLK[i, o:o + r.shape[0]] = r
+    return out_BTLK

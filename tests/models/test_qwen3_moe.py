@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from minirl_async.config import ModelArch
 from minirl_async.models.config import ModelConfig
 from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM, SparseMoeBlock, grouped_experts
-from minirl_async.models.routing import Routing, routes_dtype
+from minirl_async.models.routing import Routing, batch_routes, routes_dtype
 
 # B batch, T tokens, D hidden, E experts, K top-k, F expert width, N tokens (flattened), L MoE layers
 
@@ -147,6 +147,36 @@ def test_replay_validation_messages() -> None:
         Routing("record", replay_BTLK=torch.zeros(1, 1, 1, 1))
     with pytest.raises(ValueError, match="routing mode must be"):
         Routing("R3")  # type: ignore[arg-type]
+
+
+def test_batch_routes_replay_on_padded_batch() -> None:
+    """Per-sequence routes in the sampler layout [P+R-1, L, K], right-padded into one replay batch, reproduce
+    each sequence's free forward on its valid positions (causal attention ignores the right padding)."""
+    cfg = tiny()
+    m = model64(cfg)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in (8, 5)]
+    routes, frees = [], []
+    for s in seqs:
+        rec = Routing("record")
+        frees.append(m(s[None, :-1], routing=rec)[0])  # the last token is never fed: P+R-1 positions
+        assert rec.recorded_BTLK is not None
+        routes.append(rec.recorded_BTLK[0])
+    T = 7
+    ids = torch.zeros(2, T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s) - 1] = s[:-1]
+    replay = batch_routes(routes, T)
+    assert replay.shape == (2, T, 2, 2) and replay.dtype == torch.uint8
+    assert torch.equal(replay[1, 4:], torch.tensor([0, 1], dtype=torch.uint8).expand(3, 2, 2))
+    out = m(ids, routing=Routing("replay", replay_BTLK=replay))
+    for i, f in enumerate(frees):
+        torch.testing.assert_close(out[i, : f.shape[0]], f, rtol=1e-12, atol=1e-12)
+    left = batch_routes(routes, T, offsets=[0, 3])
+    assert torch.equal(left[1, 3:], routes[1])
+    with pytest.raises(ValueError, match=r"routes\[0\] \(7 tokens at offset 1\) does not fit in T=7"):
+        batch_routes(routes, T, offsets=[1, 0])
+    with pytest.raises(ValueError, match=r"routes\[1\] has shape \(4, 3, 2\), expected \[tokens, 2, 2\]"):
+        batch_routes([routes[0], torch.zeros(4, 3, 2, dtype=torch.uint8)], T)
 
 
 def test_routes_dtype() -> None:
