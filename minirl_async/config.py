@@ -249,6 +249,15 @@ class RunSection(_Section):
     """Restarts of a crashed service before the launcher gives up."""
     eval_after: bool = True
     """Evaluate the final policy at the end of `minirl-async run`."""
+    fake_compute: bool = False
+    """Replace the sampler engine and the trainer by fakes of the same interfaces (instant, random tokens,
+    no model): for tests and benchmarks of the pipeline itself. Never for real runs."""
+    fake_step_s: float = Field(0.05, ge=0)
+    """With fake_compute: seconds one fake train step or one fake generation batch takes."""
+    ready_timeout_s: float = Field(180.0, gt=0)
+    """The launcher gives up when a service is not ready within this many seconds."""
+    stop_grace_s: float = Field(10.0, gt=0)
+    """On stop, seconds between SIGTERM and SIGKILL of a service's process group."""
 
 
 class NetworkSection(_Section):
