@@ -1,0 +1,125 @@
+"""Property-based fuzzing of the decoder: random frames, byte-level and structure-level mutations of valid
+messages, and mutated safetensors blobs. Only ProtocolError may come out; whatever decodes re-encodes."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from minirl_async.proto.codec import decode, encode
+from minirl_async.proto.messages import MESSAGE_TYPES, PROTO_VERSION, ProtocolError
+from minirl_async.proto.stblob import read_blob, write_blob
+
+FUZZ = settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def _check(frames):
+    try:
+        msg = decode(frames, max_bytes=1 << 20)
+    except ProtocolError:
+        return
+    encode(msg)  # anything accepted must be a valid message
+
+
+def _bytes_frames(msg):
+    return [bytes(memoryview(f).cast("B")) if not isinstance(f, bytes) else f for f in encode(msg)]
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=300), min_size=0, max_size=6))
+def test_random_frames(frames):
+    _check(frames)
+
+
+@FUZZ
+@given(data=st.data())
+def test_byte_mutations_of_valid_messages(messages, data):
+    frames = _bytes_frames(data.draw(st.sampled_from(messages)))
+    i = data.draw(st.integers(0, len(frames) - 1))
+    f = bytearray(frames[i])
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        pos = data.draw(st.integers(0, max(len(f) - 1, 0)))
+        if op == "flip" and f:
+            f[pos] ^= data.draw(st.integers(1, 255))
+        elif op == "cut":
+            del f[pos:pos + data.draw(st.integers(1, 16))]
+        else:
+            f[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+    frames[i] = bytes(f)
+    if data.draw(st.booleans()):  # also drop, duplicate or swap frames
+        j = data.draw(st.integers(0, len(frames) - 1))
+        op = data.draw(st.sampled_from(["drop", "dup", "swap"]))
+        if op == "drop":
+            frames.pop(j)
+        elif op == "dup":
+            frames.insert(j, frames[j])
+        else:
+            frames[0], frames[j] = frames[j], frames[0]
+    _check(frames)
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, (*prefix, i))
+
+
+@FUZZ
+@given(data=st.data())
+def test_structural_mutations_of_valid_headers(messages, data):
+    frames = _bytes_frames(data.draw(st.sampled_from(messages)))
+    header = msgpack.unpackb(frames[0], raw=False)
+    paths = [p for p in _paths(header) if p]
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        parent = header
+        try:
+            for k in path[:-1]:
+                parent = parent[k]
+            if data.draw(st.booleans()) and isinstance(parent, dict):
+                parent.pop(path[-1], None)
+            else:
+                parent[path[-1]] = data.draw(json_like)
+        except (KeyError, IndexError, TypeError):
+            continue
+    _check([msgpack.packb(header, use_bin_type=True), *frames[1:]])
+
+
+@FUZZ
+@given(type_name=st.sampled_from(sorted(MESSAGE_TYPES)), fields=st.dictionaries(st.text(max_size=12), json_like, max_size=8))
+def test_random_headers_of_known_types(type_name, fields):
+    _check([msgpack.packb({"proto": PROTO_VERSION, "type": type_name, **fields}, use_bin_type=True)])
+
+
+_BLOB = bytes(write_blob([("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)),
+                          ("b", torch.ones(5, dtype=torch.bfloat16))]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_BLOB) - 1), st.integers(0, 255)), min_size=1, max_size=6),
+       st.integers(1, len(_BLOB)))
+def test_mutated_safetensors_blobs(flips, length):
+    blob = bytearray(_BLOB[:length])
+    for pos, val in flips:
+        if pos < len(blob):
+            blob[pos] = val
+    try:
+        tensors, _ = read_blob(memoryview(blob))
+    except ProtocolError:
+        return
+    for t in tensors.values():
+        assert t.numel() * t.element_size() <= len(blob)
+        np.asarray(t.float().sum())  # readable without faults
