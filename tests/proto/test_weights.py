@@ -1,0 +1,188 @@
+"""Weight streaming in process: chunk planning, exact reassembly (bf16, fp32, FP8 + scales), safetensors
+compatibility both ways, resend for late joiners, and the receiver's refusal rules."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+from minirl_async.proto.messages import ProtocolError
+from minirl_async.proto.stblob import read_blob, write_blob
+from minirl_async.proto.weights import TensorSpec, WeightReceiver, WeightSender
+
+from minirl_async.models.fp8 import dequantize_block_fp8, quantize_block_fp8
+
+
+def _state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s = {"model.embed_tokens.weight": torch.randn(40, 16, generator=g).to(torch.bfloat16)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        s[p + "self_attn.q_proj.weight"] = torch.randn(32, 16, generator=g).to(torch.bfloat16)
+        s[p + "mlp.gate.weight"] = torch.randn(4, 16, generator=g).to(torch.bfloat16)  # router: never FP8
+        s[p + "mlp.experts.0.down_proj.weight"] = torch.randn(16, 20, generator=g).to(torch.bfloat16)
+        s[p + "input_layernorm.weight"] = torch.rand(16, generator=g)  # float32
+    s["step"] = torch.tensor([7], dtype=torch.int64)
+    return s
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _run(msgs, receiver=None):
+    receiver = receiver or WeightReceiver()
+    outs = [receiver.feed(m) for m in msgs]
+    assert all(o is None for o in outs[:-1])
+    return outs[-1]
+
+
+@pytest.mark.parametrize("algo", ["crc32", "xxh3_64"])
+def test_plain_state_round_trips_bit_exactly(algo):
+    state = _state()
+    sender = WeightSender(chunk_bytes=1500, checksum_algo=algo)
+    msgs = list(sender.publish(5, lambda: state.items()))
+    n = len(msgs)
+    assert n > 2 and [m.chunk_index for m in msgs] == list(range(n))
+    assert all(m.num_chunks == n and m.version == 5 and m.num_tensors == len(state) for m in msgs)
+    out = _run(msgs, WeightReceiver(expected_names=state))
+    assert out.version == 5 and not out.fp8 and set(out.tensors) == set(state)
+    assert all(_identical(out.tensors[k], v) for k, v in state.items())
+
+
+def test_buckets_respect_chunk_size_unless_a_tensor_is_larger():
+    specs = [TensorSpec(f"t{i}", (100,), torch.float32) for i in range(10)] + [TensorSpec("big", (1000,), torch.float32)]
+    plan = WeightSender(chunk_bytes=1000).plan(0, specs)
+    sizes = [sum(s.nbytes for s in b) for b in plan.buckets]
+    assert sizes == [800] * 5 + [4000] and plan.num_tensors == 11  # 400-byte tensors, two per chunk
+
+
+def test_order_of_arrival_does_not_matter():
+    state = _state(1)
+    msgs = list(WeightSender(chunk_bytes=1000).publish(1, lambda: state.items()))
+    out = _run(msgs[::-1])
+    assert all(_identical(out.tensors[k], v) for k, v in state.items())
+
+
+def test_sender_streams_bucket_by_bucket():
+    """Chunk 0 is out before the state iterator is asked for the tensors of chunk 1 (no full second copy)."""
+    state = _state()
+    consumed: list[str] = []
+
+    def state_fn():
+        for k, v in state.items():
+            consumed.append(k)
+            yield k, v
+
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+    gen = WeightSender(chunk_bytes=1500).publish(1, state_fn, specs)
+    first = next(gen)
+    assert 0 < len(consumed) < len(state)
+    assert len(read_blob(first.blob)[0]) == len(consumed)
+
+
+def test_fp8_chunks_match_direct_quantisation():
+    state = _state(2)
+    msgs = list(WeightSender(chunk_bytes=2000, fp8_block=8).publish(3, lambda: state.items()))
+    out = _run(msgs)
+    assert out.fp8 and out.fp8_block == 8
+    for name, w in state.items():
+        if name.endswith("_proj.weight"):
+            q, s = quantize_block_fp8(w, 8)
+            assert _identical(out.tensors[name], q) and _identical(out.tensors[name + "_scale_inv"], s)
+            # and the dequantised weight is within the block-FP8 error bound of the original (fp64 check)
+            deq = dequantize_block_fp8(out.tensors[name], out.tensors[name + "_scale_inv"], 8, torch.float64)
+            w64 = w.double()
+            bound = torch.maximum(2**-4 * w64.abs(), 2**-10 * s.double().repeat_interleave(8, 0)
+                                  .repeat_interleave(8, 1)[: w.shape[0], : w.shape[1]]) + 1e-6 * w64.abs()
+            assert ((deq - w64).abs() <= bound).all()
+        else:
+            assert _identical(out.tensors[name], w) and name + "_scale_inv" not in out.tensors
+    assert msgs[0].num_tensors == len(state) + 4
+
+
+def test_dtype_cast_for_non_quantised_floats():
+    state = {"a.weight": torch.randn(4, 4, dtype=torch.float32), "ids": torch.arange(3)}
+    out = _run(list(WeightSender(chunk_bytes=1 << 20, dtype=torch.bfloat16).publish(0, lambda: state.items())))
+    assert _identical(out.tensors["a.weight"], state["a.weight"].to(torch.bfloat16))
+    assert _identical(out.tensors["ids"], state["ids"])
+
+
+def test_blobs_are_standard_safetensors_both_ways():
+    tensors = [("x", torch.randn(3, 5).to(torch.bfloat16)), ("y", torch.randn(7)),
+               ("z", torch.randn(4, 4).to(torch.float8_e4m3fn)), ("empty", torch.zeros(0, 2))]
+    ours = safetensors.torch.load(bytes(write_blob(tensors, {"version": "1"})))
+    theirs, meta = read_blob(safetensors.torch.save(dict(tensors), {"version": "1"}))
+    assert meta == {"version": "1"}
+    for name, t in tensors:
+        assert _identical(ours[name], t) and _identical(theirs[name], t)
+
+
+def test_resend_reserialises_the_same_chunks():
+    state = _state(3)
+    sender = WeightSender(chunk_bytes=1500)
+    first = list(sender.publish(4, lambda: state.items()))
+    again = list(sender.resend())
+    assert sender.last_version == 4 and [m.checksum for m in again] == [m.checksum for m in first]
+    out = _run(again)
+    assert all(_identical(out.tensors[k], v) for k, v in state.items())
+
+
+def test_resend_refuses_a_state_that_moved_on():
+    state = _state(4)
+    sender = WeightSender(chunk_bytes=1500)
+    list(sender.publish(1, lambda: state.items()))
+    state["model.layers.1.input_layernorm.weight"].add_(1.0)  # an optimizer step happened
+    with pytest.raises(RuntimeError, match="weights changed since version 1"):
+        list(sender.resend())
+
+
+def test_resend_from_kept_blobs_survives_updates():
+    state = _state(5)
+    original = {k: v.clone() for k, v in state.items()}
+    sender = WeightSender(chunk_bytes=1500, keep_blobs=True)
+    list(sender.publish(1, lambda: state.items()))
+    for v in state.values():
+        v.zero_()
+    out = _run(list(sender.resend()))
+    assert out.version == 1 and all(_identical(out.tensors[k], v) for k, v in original.items())
+
+
+def test_nondeterministic_state_is_refused():
+    state = _state()
+    calls = {"n": 0}
+
+    def state_fn():
+        calls["n"] += 1
+        items = list(state.items())
+        return items if calls["n"] == 1 else items[::-1]
+
+    with pytest.raises(ValueError, match="state_fn must be deterministic"):
+        list(WeightSender(chunk_bytes=1500).publish(1, state_fn))
+
+
+def test_receiver_refuses_applied_versions_duplicates_and_wrong_sets():
+    state = _state(6)
+    msgs = list(WeightSender(chunk_bytes=1500).publish(2, lambda: state.items()))
+    recv = WeightReceiver()
+    recv.feed(msgs[0])
+    with pytest.raises(ProtocolError, match="duplicate chunk"):
+        recv.feed(msgs[0])
+    for m in msgs[1:]:
+        recv.feed(m)
+    assert recv.version == 2 and recv.pending_version is None
+    with pytest.raises(ProtocolError, match="version 2 is already applied"):
+        recv.feed(msgs[1])
+    strict = WeightReceiver(expected_names=[*state, "model.extra.weight"])
+    with pytest.raises(ProtocolError, match=r"missing \['model.extra.weight'\]"):
+        _run(msgs, strict)
+    assert strict.version == -1
+
+
+def test_sender_refuses_old_versions_and_empty_states():
+    sender = WeightSender(chunk_bytes=100)
+    list(sender.publish(3, lambda: {"a": torch.ones(2)}.items()))
+    with pytest.raises(ValueError, match="not newer"):
+        list(sender.publish(3, lambda: {"a": torch.ones(2)}.items()))
+    with pytest.raises(ValueError, match="empty state"):
+        list(WeightSender(chunk_bytes=100).publish(0, lambda: iter(())))
