@@ -93,6 +93,7 @@ class GraderRunner:
         self.num_graded = 0
         self.num_dropped_groups = 0
         self._sem: asyncio.Semaphore | None = None
+        self._sem_loop: asyncio.AbstractEventLoop | None = None
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="grader")
         self._stuck_threads = 0
 
@@ -122,8 +123,9 @@ class GraderRunner:
 
     async def grade(self, sample: Sample) -> tuple[GradeResult | None, str | None, str]:
         """(result, None, "") on success, (None, kind, detail) on failure; never raises for grader faults."""
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.concurrency)
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem_loop is not loop:  # a semaphore belongs to one event loop
+            self._sem, self._sem_loop = asyncio.Semaphore(self.concurrency), loop
         async with self._sem:
             try:
                 out = await self._call(sample)
