@@ -1,0 +1,253 @@
+"""Sockets on loopback (tcp and ipc): the receive loop survives bad messages, the work channel routes by
+sampler id, weights stream end to end with the XPUB handshake (late joiner, bad chunk, older chunk), and
+CurveZMQ keeps out unauthenticated clients. Every wait is bounded."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+
+import msgpack
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+from minirl_async.proto.codec import decode, encode
+from minirl_async.proto.keys import main as keys_main
+from minirl_async.proto.messages import (
+    PROTO_VERSION,
+    Heartbeat,
+    WeightsRequest,
+    WeightUpdate,
+    WorkGrant,
+    WorkRequest,
+)
+from minirl_async.proto.sockets import (
+    BROADCAST_TOPIC,
+    ChannelStats,
+    CurveConfig,
+    SocketOptions,
+    WeightPublisher,
+    receive_loop,
+    scored_pull,
+    scored_push,
+    send_message,
+    start_authenticator,
+    weights_pub,
+    weights_sub,
+    work_dealer,
+    work_router,
+)
+from minirl_async.proto.weights import WeightReceiver, WeightSender
+
+OPTS = SocketOptions(linger_ms=0, heartbeat_s=0.5)
+
+
+async def _until(cond, timeout=10.0):
+    async def wait():
+        while not cond():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(wait(), timeout)
+
+
+@contextlib.asynccontextmanager
+async def _task(coro):
+    t = asyncio.create_task(coro)
+    try:
+        yield t
+    finally:
+        t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+async def test_receive_loop_counts_bad_messages_and_keeps_serving(transport, tcp_addr, ipc_addr):
+    addr = tcp_addr if transport == "tcp" else ipc_addr
+    ctx = zmq.asyncio.Context()
+    pull, push = scored_pull(ctx, addr, OPTS), scored_push(ctx, addr, OPTS)
+    got, stats = [], ChannelStats()
+
+    def handle(msg, peer):
+        got.append(msg)
+
+    try:
+        async with _task(receive_loop(pull, handle, stats=stats, max_bytes=1 << 20)):
+            await push.send_multipart([b"\xc1garbage"])
+            await send_message(push, Heartbeat(sender="g0", role="grader", seq=1, time_s=0.0))
+            await push.send_multipart([msgpack.packb({"proto": PROTO_VERSION + 7, "type": "Heartbeat"})])
+            await push.send_multipart([b"x" * 10, b"y" * (2 << 20)])  # over max_bytes
+            await send_message(push, WorkRequest(sampler_id="s9", free_slots=1, weight_version=0))
+            await _until(lambda: len(got) == 2 and stats.errors == 3)
+        assert [m.TYPE for m in got] == ["Heartbeat", "WorkRequest"]
+        assert stats.received == 2 and stats.by_type == {"Heartbeat": 1, "WorkRequest": 1}
+        assert "exceeds the limit" in stats.last_error
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_handler_protocol_errors_are_counted_too(ipc_addr):
+    ctx = zmq.asyncio.Context()
+    pull, push = scored_pull(ctx, ipc_addr, OPTS), scored_push(ctx, ipc_addr, OPTS)
+    receiver, stats, ok = WeightReceiver(version=5), ChannelStats(), []
+    try:
+        async with _task(receive_loop(pull, lambda m, p: ok.append(receiver.feed(m)) if m.TYPE == "WeightUpdate" else None,
+                                       stats=stats)):
+            msgs = list(WeightSender(1 << 20).publish(3, lambda: {"a": torch.ones(3)}.items()))
+            await send_message(push, msgs[0])  # version 3 < applied 5: the handler raises ProtocolError
+            await send_message(push, Heartbeat(sender="x", role="r", seq=0, time_s=0.0))
+            await _until(lambda: stats.received == 2)
+        assert stats.errors == 1 and "version 5 is already applied" in stats.last_error
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_work_channel_routes_by_sampler_id(tcp_addr):
+    ctx = zmq.asyncio.Context()
+    router = work_router(ctx, tcp_addr, OPTS)
+    dealers = {sid: work_dealer(ctx, tcp_addr, sid, OPTS) for sid in ("s0", "s1")}
+    seen = []
+
+    async def handle(msg, peer):
+        seen.append((peer, msg.sampler_id))
+        await send_message(router, WorkGrant(backoff_s=0.1 + len(seen)), identity=peer)
+
+    try:
+        async with _task(receive_loop(router, handle, envelope="identity")):
+            for sid, d in dealers.items():
+                await send_message(d, WorkRequest(sampler_id=sid, free_slots=2, weight_version=-1))
+            replies = {}
+            for sid, d in dealers.items():
+                replies[sid] = decode(await asyncio.wait_for(d.recv_multipart(copy=False), 10))
+        assert sorted(seen) == [(b"s0", "s0"), (b"s1", "s1")]
+        assert all(isinstance(r, WorkGrant) and r.backoff_s > 0 for r in replies.values())
+        with pytest.raises(zmq.ZMQError):  # ROUTER_MANDATORY: an unknown peer is an error, not a silent drop
+            await router.send_multipart([b"nobody", *encode(WorkGrant(backoff_s=1.0))], flags=zmq.DONTWAIT)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _state(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.mlp.experts.0.up_proj.weight": torch.randn(24, 16, generator=g).to(torch.bfloat16)
+            for i in range(6)} | {"model.norm.weight": torch.randn(16, generator=g)}
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+async def test_weights_end_to_end_with_late_joiner_bad_and_old_chunks(transport, tcp_addr, ipc_addr):
+    addr = tcp_addr if transport == "tcp" else ipc_addr
+    ctx = zmq.asyncio.Context()
+    pub = weights_pub(ctx, addr, OPTS)
+    publisher = WeightPublisher(pub, WeightSender(chunk_bytes=2000, fp8_block=8))
+    state = _state(0)
+    try:
+        async with _task(publisher.run_subscriptions()):
+            # Version 1 goes out before the sampler exists: nobody receives it.
+            assert await publisher.publish(1, lambda: state.items()) > 1
+            sub = weights_sub(ctx, addr, "s0", OPTS)
+            receiver, stats, complete = WeightReceiver(), ChannelStats(), []
+
+            def handle(msg, topic):
+                out = receiver.feed(msg)
+                if out is not None:
+                    complete.append((topic, out))
+
+            async with _task(receive_loop(sub, handle, envelope="topic", stats=stats)):
+                # Late join: the WeightsRequest (normally via the DEALER) is served once the SUB is attached.
+                publisher.on_request(WeightsRequest(sampler_id="s0", have_version=-1))
+                await _until(lambda: publisher.subscribed)
+                assert await publisher.serve_pending() == 1
+                await _until(lambda: len(complete) == 1)
+                old_chunks = list(publisher.sender.resend())
+                # Version 2: a corrupted copy of chunk 0 and an old version-1 chunk arrive amid the real ones.
+                for p in state.values():
+                    p.mul_(-1)
+                chunks = list(publisher.sender.publish(2, lambda: state.items()))
+                bad = bytearray(chunks[0].blob)
+                bad[len(bad) // 2] ^= 1
+                await send_message(pub, WeightUpdate(**{**chunks[0].__dict__, "blob": bad}), topic=BROADCAST_TOPIC)
+                await send_message(pub, chunks[0], topic=BROADCAST_TOPIC)
+                await send_message(pub, old_chunks[1], topic=BROADCAST_TOPIC)
+                for m in chunks[1:]:
+                    await send_message(pub, m, topic=BROADCAST_TOPIC)
+                await _until(lambda: len(complete) == 2)
+        (t1, v1), (t2, v2) = complete
+        assert (v1.version, t1) == (1, b"w:@s0\x00") and (v2.version, t2) == (2, BROADCAST_TOPIC)
+        assert stats.errors == 2 and receiver.version == 2
+        from minirl_async.models.fp8 import quantize_block_fp8
+
+        for name, w in state.items():
+            if name.endswith("_proj.weight"):
+                q, s = quantize_block_fp8(w, 8)
+                assert torch.equal(v2.tensors[name].view(torch.uint8), q.view(torch.uint8))
+                assert torch.equal(v2.tensors[name + "_scale_inv"], s)
+            else:
+                assert torch.equal(v2.tensors[name], w)
+    finally:
+        ctx.destroy(linger=0)
+
+
+# ---------------------------------------------------------------- CurveZMQ
+def _keys(tmp_path, name):
+    assert keys_main(argparse.Namespace(out_dir=str(tmp_path / name), name=name)) == 0
+    return tmp_path / name / f"{name}.key", tmp_path / name / f"{name}.key_secret"
+
+
+def test_keys_command_refuses_to_overwrite(tmp_path, capsys):
+    _keys(tmp_path, "server")
+    assert keys_main(argparse.Namespace(out_dir=str(tmp_path / "server"), name="server")) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_unauthenticated_clients_cannot_talk_to_a_curve_socket(tmp_path, tcp_addr):
+    server_pub, server_sec = _keys(tmp_path, "server")
+    _, good_sec = _keys(tmp_path, "good")
+    _, evil_sec = _keys(tmp_path, "evil")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "good.key").write_bytes((tmp_path / "good" / "good.key").read_bytes())
+
+    ctx = zmq.Context()
+    auth = start_authenticator(ctx, str(allowed))
+    try:
+        server = scored_pull(ctx, tcp_addr, SocketOptions(linger_ms=0, curve=CurveConfig(server_secret_file=str(server_sec))))
+
+        def client(curve: CurveConfig):
+            push = scored_push(ctx, tcp_addr, SocketOptions(linger_ms=0, curve=curve))
+            push.send_multipart(encode(Heartbeat(sender="c", role="grader", seq=0, time_s=0.0)), flags=zmq.DONTWAIT) \
+                if push.poll(500, zmq.POLLOUT) else None
+            return push
+
+        plain = client(CurveConfig())
+        evil = client(CurveConfig(client_secret_file=str(evil_sec), server_public_file=str(server_pub)))
+        assert server.poll(700) == 0  # neither the plaintext client nor the unlisted key got through
+        good = client(CurveConfig(client_secret_file=str(good_sec), server_public_file=str(server_pub)))
+        assert server.poll(5000) != 0
+        assert server.recv_multipart()[0]  # the authorised client's message
+        assert server.poll(300) == 0
+        for s in (plain, evil, good, server):
+            s.close(0)
+    finally:
+        auth.stop()
+        ctx.destroy(linger=0)
+
+
+def test_missing_key_file_is_a_clear_error(tmp_path, tcp_addr):
+    ctx = zmq.Context()
+    try:
+        with pytest.raises(ValueError, match="minirl-async keys"):
+            scored_pull(ctx, tcp_addr, SocketOptions(curve=CurveConfig(server_secret_file=str(tmp_path / "no.key_secret"))))
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_frames_over_maxmsgsize_never_arrive(ipc_addr):
+    ctx = zmq.Context()
+    opts = SocketOptions(linger_ms=0, max_msg_bytes=4096)
+    try:
+        pull, push = scored_pull(ctx, ipc_addr, opts), scored_push(ctx, ipc_addr, opts)
+        push.send(b"z" * 10_000)
+        assert pull.poll(500) == 0  # zmq drops the connection instead of delivering it
+    finally:
+        ctx.destroy(linger=0)
