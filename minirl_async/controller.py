@@ -81,7 +81,7 @@ class Controller:
         self.requeue: list[int] = []  # seqs, oldest first: re-issued before any new group
         self.ready: list[int] = []  # seqs in arrival order
         self.counters = {"grants": 0, "reissued": 0, "trained": 0, "dropped_stale": 0, "grader_errors": 0,
-                         "lease_expired": 0, "duplicates": 0, "unknown": 0, "released": 0}
+                         "lease_expired": 0, "duplicates": 0, "unknown": 0, "released": 0, "future": 0}
 
     # ---- granting ------------------------------------------------------------------------------------
 
@@ -149,8 +149,9 @@ class Controller:
     # ---- arrivals ------------------------------------------------------------------------------------
 
     def accept(self, group_id: str, attempt: int, oldest_version: int, payload: Any,
-               grader_failed: bool = False) -> str:
-        """Record a ScoredGroup. Returns 'accepted', 'duplicate', 'unknown', 'grader_error' or 'stale'.
+               grader_failed: bool = False, newest_version: int | None = None) -> str:
+        """Record a ScoredGroup. Returns 'accepted', 'duplicate', 'unknown', 'grader_error', 'stale' or
+        'future'.
 
         The first arrival of a group id wins whatever its attempt (an earlier attempt that was only late is
         as good as the re-issued one, whose arrival will then be the duplicate).
@@ -169,6 +170,12 @@ class Controller:
             self.counters["grader_errors"] += 1
             self._requeue(e)
             return "grader_error"
+        if newest_version is not None and newest_version > self.version:
+            # Weights newer than ours: made by a learner incarnation that a restart rolled back. Not ours
+            # to train on (the lag would be negative); the prompt is issued again.
+            self.counters["future"] += 1
+            self._requeue(e)
+            return "future"
         if self.tracker.is_stale(oldest_version, self.version):  # it can only get staler: drop it now
             self.counters["dropped_stale"] += 1
             self._requeue(e)
@@ -224,6 +231,7 @@ class Controller:
             "pipeline/unknown": c["unknown"],
             "pipeline/lease_expired": c["lease_expired"],
             "pipeline/released": c["released"],
+            "pipeline/future": c["future"],
             "pipeline/issued": self.next_seq,
             "pipeline/trained": c["trained"],
             "pipeline/in_flight": in_flight,

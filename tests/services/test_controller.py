@@ -239,3 +239,12 @@ def test_checkpoint_round_trip_resumes_the_same_stream():
     assert [(t.group_id, t.attempt) for t in got][0] == ("g2", 1)
     assert [t.prompt for t in got[1:]] == ref_next  # the dataset cursor resumed where it was
     assert ctl2.accept("g3", 1, 1, "x") == "accepted"
+
+
+def test_rollouts_from_newer_weights_are_requeued():
+    # after a learner restart rolled the version back, a group made with newer weights is not trained on
+    ctl, _ = make(eta=1, gps=1)
+    (t,) = ctl.grant("s0", 1, 0)
+    assert ctl.accept(t.group_id, 0, 0, None, newest_version=3) == "future"
+    m = ctl.metrics()
+    assert m["pipeline/future"] == 1 and m["pipeline/requeued"] == 1 and m["pipeline/lost"] == 0
