@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 
 import torch
 from minirl_async.proto.messages import ProtocolError, WeightUpdate
-from minirl_async.proto.stblob import checksum, default_checksum_algo, read_blob, tensor_nbytes, write_blob
+from minirl_async.proto.stblob import (
+    BlobPool,
+    checksum,
+    default_checksum_algo,
+    read_blob,
+    tensor_nbytes,
+    write_blob,
+)
 
 StateFn = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 SCALE_SUFFIX = "_scale_inv"  # same as minirl_async.models.fp8.SCALE_SUFFIX (HF FP8 checkpoint naming)
@@ -66,7 +73,7 @@ class _Plan:
     buckets: list[list[TensorSpec]]  # source tensors of each chunk, in state_fn order
     num_tensors: int  # tensors on the wire (a quantised weight counts twice: weight + scale)
     checksums: list[int] = field(default_factory=list)
-    blobs: list[bytearray] = field(default_factory=list)
+    blobs: list[memoryview] = field(default_factory=list)
 
 
 def _default_fp8_filter(name: str) -> bool:
@@ -103,6 +110,8 @@ class WeightSender:
         self.quantize = quantize or _default_quantize
         self._plan: _Plan | None = None
         self._state_fn: StateFn | None = None
+        # Recycled chunk buffers (kept blobs are never recycled: they stay referenced).
+        self._pool = BlobPool() if not keep_blobs else None
 
     @property
     def last_version(self) -> int:
@@ -175,12 +184,12 @@ class WeightSender:
                     "answer WeightsRequests between steps or use keep_blobs=True")
             yield msg
 
-    def _message(self, plan: _Plan, index: int, blob: bytearray, csum: int) -> WeightUpdate:
+    def _message(self, plan: _Plan, index: int, blob: memoryview, csum: int) -> WeightUpdate:
         return WeightUpdate(version=plan.version, chunk_index=index, num_chunks=len(plan.buckets),
                             num_tensors=plan.num_tensors, blob=blob, checksum=csum,
                             checksum_algo=self.checksum_algo, fp8=self.fp8_block > 0, fp8_block=self.fp8_block)
 
-    def _serialise(self, plan: _Plan, state_fn: StateFn) -> Iterator[tuple[WeightUpdate, bytearray]]:
+    def _serialise(self, plan: _Plan, state_fn: StateFn) -> Iterator[tuple[WeightUpdate, memoryview]]:
         it = iter(state_fn())
         for index, bucket in enumerate(plan.buckets):
             tensors: list[tuple[str, torch.Tensor]] = []
@@ -193,7 +202,8 @@ class WeightSender:
                     raise ValueError(f"state yielded {name} {tuple(t.shape)} {t.dtype} where the plan has "
                                      f"{spec.name} {spec.shape} {spec.dtype}; state_fn must be deterministic")
                 tensors.extend(self._wire_tensors(spec, t))
-            blob = write_blob(tensors, {"version": str(plan.version), "chunk": f"{index}/{len(plan.buckets)}"})
+            meta = {"version": str(plan.version), "chunk": f"{index}/{len(plan.buckets)}"}
+            blob = write_blob(tensors, meta, self._pool)
             yield self._message(plan, index, blob, checksum(blob, self.checksum_algo)), blob
         if next(it, None) is not None:
             raise ValueError("state yielded more tensors than planned; state_fn must be deterministic")
