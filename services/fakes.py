@@ -2,9 +2,10 @@
 
 They let the pipeline (sockets, controller, ledger, staleness, supervision) run and be tested in seconds
 with no model: the fake engine answers each prompt with either the right answer or a random string (so
-rewards vary within a group), tags every token with its weight version, and sleeps `run.fake_step_s`
+rewards vary within a group), tags every token with its weight version, and keeps a core busy for
+`run.fake_step_s`
 per batch; the fake trainer holds one small tensor that changes every step (so weight streaming is
-exercised end to end), sleeps `run.fake_step_s` per step and returns every trainer-owned metric name
+exercised end to end), keeps a core busy for `run.fake_step_s` per step and returns every trainer-owned metric name
 of ALGORITHM.md section 7.
 
     engine = FakeEngine(cfg, seed=0); engine.update_weights(weight_set); rollouts = engine.generate(groups)
@@ -29,6 +30,14 @@ from minirl_async.tasks.synthetic import ANSWER_PREFIX
 from minirl_async.tasks.tokenizer import build_char_tokenizer
 
 FAKE_TENSOR = "model.norm.weight"  # 1-D: never FP8-quantised, so it round-trips exactly
+
+
+def burn(seconds: float) -> None:
+    """Keep one core busy for `seconds` (not sleep: the overlap bench must compete for real CPU)."""
+    a = torch.randn(64, 64)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        a = torch.tanh(a @ a)
 
 
 class FakeEngine:
@@ -58,7 +67,7 @@ class FakeEngine:
     def generate(self, groups: list[PromptGroup]) -> list[RolloutGroup]:
         assert self.version >= 0, "generate before any weights"
         t0 = time.monotonic()
-        time.sleep(self.cfg.run.fake_step_s)
+        burn(self.cfg.run.fake_step_s)
         out = []
         for g in groups:
             responses = []
@@ -99,7 +108,7 @@ class FakeTrainer:
         return [(FAKE_TENSOR, self.w)]
 
     def step(self, groups: list[ScoredGroup], replay_mode: int, version: int) -> dict[str, Any]:
-        time.sleep(self.cfg.run.fake_step_s)
+        burn(self.cfg.run.fake_step_s)
         self.w = self.w + 1.0
         self.steps += 1
         m: dict[str, Any] = {k: 0.0 for k in self.TRAINER_METRICS}

@@ -228,7 +228,7 @@ class LearnerHub:
         mb, n = cfg.learner.minibatch_groups, cfg.num_minibatches
         while ctl.version < cfg.learner.num_steps:
             batch = await self.next_batch(publisher)
-            t_start = time.monotonic()
+            t_start, wall_start = time.monotonic(), time.time()
             v = ctl.version
             groups = [g for _, g in batch]
             decision = self.tracker.choose_mode(v, [oldest_version(g, v) for g in groups], self.prev_kl)
@@ -247,7 +247,8 @@ class LearnerHub:
             step_s, self.last_step_end = now - self.last_step_end, now
             resp_tok = sum(g.num_response_tokens for g in groups)
             all_tok = resp_tok + sum(int(g.prompt_ids.shape[0]) * g.group_size for g in groups)
-            row: dict[str, Any] = {"step": v, "version": ctl.version, "time": time.time()}
+            row: dict[str, Any] = {"step": v, "version": ctl.version, "time": time.time(),
+                                   "time_train_start": wall_start, "time_train_end": wall_start + train_s}
             row.update(reward_metrics(groups))
             row.update(tm)
             row.update(lag_metrics(v, per_mb, n))

@@ -51,6 +51,7 @@ from minirl_async.services.common import (
     rollout_addrs,
     set_threads,
     setup_logging,
+    status_dir,
 )
 from minirl_async.services.compute import make_engine
 
@@ -73,6 +74,7 @@ class SamplerService:
         self.stats = {"work": ChannelStats(), "weights": ChannelStats()}
         self.groups_done = 0
         self.busy_s = 0.0
+        self.busy_log: Any = None
 
     @property
     def version(self) -> int:
@@ -149,9 +151,11 @@ class SamplerService:
             await self.generate(grant.groups, push)
 
     async def generate(self, groups: list[PromptGroup], push: zmq.asyncio.Socket) -> None:
-        t0 = time.monotonic()
+        t0, w0 = time.monotonic(), time.time()
         rollouts = await asyncio.to_thread(self.engine.generate, groups)
         self.busy_s += time.monotonic() - t0
+        if self.busy_log is not None:  # busy intervals (wall clock) for the overlap bench and the report
+            self.busy_log.write(f"{w0:.6f} {time.time():.6f} {len(groups)}\n")
         for r in rollouts:
             r.sampler_id = self.sampler_id
             await send_message(push, r)
@@ -176,6 +180,7 @@ class SamplerService:
             asyncio.create_task(receive_loop(sub, self.on_weights, envelope="topic", max_bytes=opts.max_msg_bytes,
                                              stats=self.stats["weights"], log=self.log)),
         ]
+        self.busy_log = open(status_dir(self.cfg) / f"{self.sampler_id}.busy", "a", buffering=1)
         mark_ready(self.cfg, self.sampler_id)
         worker = asyncio.create_task(self.work(dealer, [push]))
         stopper = asyncio.create_task(self.stop.wait())
@@ -191,6 +196,7 @@ class SamplerService:
             for s in (dealer, sub, push):
                 s.close(linger=0)
             ctx.term()
+            self.busy_log.close()
         self.log.info("stopped after %d groups (busy %.1fs)", self.groups_done, self.busy_s)
         return 0
 

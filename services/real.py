@@ -1,0 +1,110 @@
+"""Adapters from the services' small interfaces (services/compute.py) to the real compute: the sampler
+engine (`minirl_async.engine`) and the trainer (`minirl_async.learner`). Conversions only: PromptGroups to
+engine requests and engine rollouts to wire messages; WeightSets to engine updates; ScoredGroups to the
+trainer's batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from minirl_async.proto.messages import PromptGroup, Response, RolloutGroup, ScoredGroup
+from minirl_async.proto.weights import WeightSet
+
+from minirl_async.config import Config
+
+
+def request_seed(base: int, group_id: str, attempt: int) -> int:
+    """A per-request seed: reproducible for (run seed, group, attempt), different for a re-issue."""
+    h = hashlib.blake2b(f"{base}:{group_id}:{attempt}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little")
+
+
+def _np(t: torch.Tensor, dtype: Any) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(dtype, copy=False)
+
+
+class RealEngine:
+    """The configured engine (torch_fp8 or sglang) behind the sampler service's interface."""
+
+    def __init__(self, cfg: Config, index: int, checkpoint: str):
+        from minirl_async.engine.base import make_engine
+        from minirl_async.models.hf_io import read_hf_config
+        from minirl_async.tasks.tokenizer import load_tokenizer
+
+        self.cfg, self.index = cfg, index
+        model_cfg, _ = read_hf_config(checkpoint)
+        self.tok = load_tokenizer(cfg, checkpoint)
+        # No weights yet: the learner's version arrives over the weights channel (WeightsRequest at start).
+        self.engine = make_engine(cfg, model_cfg=model_cfg, state=None, version=-1, model_path=checkpoint)
+
+    @property
+    def version(self) -> int:
+        return int(self.engine.version)
+
+    def update_weights(self, ws: WeightSet) -> None:
+        self.engine.update_weights(ws.version, ws.tensors)
+
+    def reset(self) -> None:
+        self.engine.reset()
+
+    def generate(self, groups: list[PromptGroup]) -> list[RolloutGroup]:
+        from minirl_async.engine.base import GenerateRequest, SamplingParams
+
+        s = self.cfg.sampler
+        reqs = [GenerateRequest(
+            prompt_ids=g.prompt_ids.tolist(), request_id=g.group_id,
+            params=SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                  max_new_tokens=s.max_new_tokens, stop_token_ids=(self.tok.eos_id,),
+                                  n=g.group_size, seed=request_seed(self.cfg.run.seed, g.group_id, g.attempt)))
+            for g in groups]
+        t0 = time.monotonic()
+        outs = self.engine.generate(reqs)
+        gen_s = time.monotonic() - t0
+        result = []
+        for g, rollouts in zip(groups, outs):
+            responses = []
+            for r in rollouts:
+                routes = None if r.routes is None else _np(r.routes, np.uint8 if r.routes.dtype == torch.uint8
+                                                           else np.int32)
+                responses.append(Response(response_ids=_np(r.response_ids, np.int32),
+                                          logprobs=_np(r.logprobs, np.float32),
+                                          versions=_np(r.versions, np.int32), routes=routes,
+                                          finish_reason=r.finish_reason))
+            result.append(RolloutGroup(group_id=g.group_id, attempt=g.attempt, prompt_ids=g.prompt_ids,
+                                       meta=g.meta, sampler_id=f"sampler-{self.index}", responses=responses,
+                                       timings={"generate_s": gen_s}))
+        return result
+
+
+class RealTrainer:
+    """The learner's trainer behind the learner service's interface (see services/compute.py)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, checkpoint: str):
+        try:
+            from minirl_async.learner import trainer as trainer_mod
+        except ImportError as e:
+            raise RuntimeError(f"the learner's trainer is not available in this version ({e}); "
+                               "use run.fake_compute=true to exercise the pipeline alone") from e
+        self.cfg, self.run_dir = cfg, run_dir
+        self.impl = trainer_mod.Trainer.from_checkpoint(cfg, checkpoint, run_dir=run_dir)
+
+    def state_fn(self) -> Any:
+        return self.impl.iter_hf_state()
+
+    def step(self, groups: list[ScoredGroup], replay_mode: int, version: int) -> dict[str, Any]:
+        return dict(self.impl.train_step(groups, replay_mode=replay_mode))
+
+    def save_checkpoint(self, step: int, extra: dict[str, Any]) -> Path:
+        return Path(self.impl.save_checkpoint(self.run_dir / "checkpoints", step=step, extra=extra))
+
+    def load_latest(self) -> dict[str, Any] | None:
+        return self.impl.load_latest(self.run_dir / "checkpoints")
+
+    def export(self, folder: Path) -> Path:
+        return Path(self.impl.export_hf(folder))
