@@ -86,8 +86,10 @@ class RealTrainer:
     """The learner's trainer behind the learner service's interface (see services/compute.py)."""
 
     def __init__(self, cfg: Config, run_dir: Path, checkpoint: str):
+        import importlib
+
         try:
-            from minirl_async.learner import trainer as trainer_mod
+            trainer_mod = importlib.import_module("minirl_async.learner.trainer")
         except ImportError as e:
             raise RuntimeError(f"the learner's trainer is not available in this version ({e}); "
                                "use run.fake_compute=true to exercise the pipeline alone") from e
