@@ -186,3 +186,19 @@ def test_sender_refuses_old_versions_and_empty_states():
         list(sender.publish(3, lambda: {"a": torch.ones(2)}.items()))
     with pytest.raises(ValueError, match="empty state"):
         list(WeightSender(chunk_bytes=100).publish(0, lambda: iter(())))
+
+
+def test_blob_pool_reuses_only_unreferenced_buffers():
+    from minirl_async.proto.stblob import BlobPool
+
+    pool = BlobPool(max_buffers=4)
+    a = pool.alloc(1000)
+    b = pool.alloc(1000)
+    assert a.obj is not b.obj  # `a` is still referenced: not handed out twice
+    a_obj = a.obj
+    del a
+    c = pool.alloc(900)
+    assert c.obj is not a_obj  # `a_obj` (our own reference) still holds it
+    del a_obj, c
+    d = pool.alloc(1000)
+    assert d.obj is pool._bufs[0] and d.nbytes == 1000
