@@ -112,6 +112,8 @@ class SamplerSection(_Section):
     """torch threads of each sampler process."""
     device: str = "cpu"
     """Device of the embedded engine."""
+    compute_dtype: Literal["bf16", "fp32"] = "bf16"
+    """Compute dtype of the embedded engine (FP8 weights are dequantised into it)."""
     sglang: SGLangSection = Field(default_factory=SGLangSection)
     """SGLang engine options."""
 

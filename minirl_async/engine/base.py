@@ -1,0 +1,208 @@
+"""The sampler engine interface: requests in, rollouts out, versioned weight updates, pause/resume/health.
+
+Two engines implement it: `torch_fp8.TorchFP8Engine` (embedded, pure PyTorch, CPU/GPU) and
+`sglang_engine.SGLangEngine` (adapter over `sglang.Engine`, GPU, optional extra). `make_engine(cfg)` picks
+one from `sampler.engine`.
+
+    engine = make_engine(cfg, model_cfg=mcfg, state=iter_hf_state(model), version=0)
+    out = engine.generate([GenerateRequest(prompt_ids=[1, 2, 3], params=SamplingParams(n=4, seed=7))])
+    out[0][2].response_ids, out[0][2].logprobs, out[0][2].routes     # request 0, sample 2
+    engine.update_weights(1, named_tensors)                          # HF names; FP8 + scale or plain
+
+Threading (both engines): `generate` is SYNCHRONOUS and blocking; the sampler service runs it in one worker
+thread (`await asyncio.to_thread(engine.generate, reqs)`), never two at once. `update_weights`, `pause`,
+`resume` and `health` are thread-safe and may be called from another thread while `generate` runs:
+an update is validated and prepared outside any lock, then swapped in at the next version boundary (end of
+the running batch, or the next decode step in interruptible mode), so a sequence never sees a half-updated
+model. `update_weights` returns once the new version is live.
+
+Bad input never takes the batch down: a request whose prompt is empty, longer than the context, or whose
+sampling parameters are invalid comes back as `n` rollouts with `finish_reason="abort"`, no tokens and
+`error` set to a message saying what to change; the other requests are served normally. Weight updates that
+are malformed (missing / extra / misshaped tensors, a version that does not increase) raise
+`WeightUpdateError` (a ValueError) and the old weights stay in place.
+
+Legend: P prompt tokens, R response tokens, L MoE layers, K top-k experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from minirl_async.config import Config
+    from minirl_async.models.config import ModelConfig
+
+FinishReason = Literal["stop", "length", "abort"]
+NamedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
+class WeightUpdateError(ValueError):
+    """A weight update was refused; the engine keeps serving with its previous weights."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample the responses of one request (SGLang's parameter names)."""
+
+    temperature: float = 1.0
+    """0 = greedy; logprobs are then those of `logits / 1` (as the learner computes them)."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    max_new_tokens: int = 64
+    """Longest response (also capped by the context length)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation of a sample stops after it emits one of these (the stop token is kept in the response)."""
+    n: int = 1
+    """Samples drawn for this prompt."""
+    seed: int | None = None
+    """Seeded requests are reproducible whatever else is in the batch; sample j uses seed + j."""
+
+    def check(self) -> None:
+        """Raise ValueError naming the bad parameter and its valid range."""
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1] (1 = off)")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
+        if not (isinstance(self.n, int) and self.n >= 1):
+            raise ValueError(f"n={self.n!r}: must be an integer >= 1")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: must be non-negative token ids")
+
+
+@dataclass
+class GenerateRequest:
+    """One prompt and how to sample it. `prompt_ids` may be a list, a 1-D tensor or a numpy array."""
+
+    prompt_ids: Sequence[int] | torch.Tensor
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+    def prompt_list(self) -> list[int]:
+        p = self.prompt_ids
+        if isinstance(p, torch.Tensor):
+            if p.dim() != 1:
+                raise ValueError(f"prompt_ids must be 1-D, got shape {tuple(p.shape)}")
+            return [int(t) for t in p.tolist()]
+        return [int(t) for t in p]
+
+    def check(self, vocab_size: int, max_context: int) -> list[int]:
+        """Validate against the engine; returns the prompt as a list. Raises ValueError saying what to fix."""
+        self.params.check()
+        prompt = self.prompt_list()
+        if not prompt:
+            raise ValueError("empty prompt: give at least one prompt token")
+        if len(prompt) >= max_context:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {max_context} "
+                             f"tokens; shorten the prompt to at most {max_context - 1} tokens")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt holds token ids outside [0, {vocab_size}): {bad[:5]}")
+        if any(t >= vocab_size for t in self.params.stop_token_ids):
+            raise ValueError(f"stop_token_ids {self.params.stop_token_ids} outside [0, {vocab_size})")
+        return prompt
+
+
+@dataclass
+class Rollout:
+    """One sampled response. Tensors are on the CPU."""
+
+    prompt_ids: list[int]
+    response_ids: torch.Tensor
+    """int64 `[R]` (includes the stop token when finish_reason is 'stop')."""
+    logprobs: torch.Tensor
+    """float32 `[R]`: log softmax(logits / T)[token] under the sampler's weights, before top-p/top-k
+    truncation (the quantity the learner recomputes; T = 1 when greedy)."""
+    versions: torch.Tensor
+    """int64 `[R]`: weight version that produced each token."""
+    routes: torch.Tensor | None
+    """`[P + R - 1, L, K]` routed experts of every position but the last (SGLang layout), uint8 for up to
+    256 experts; None when capture is off or the request was refused."""
+    finish_reason: FinishReason
+    error: str | None = None
+    """Why an 'abort' happened (bad request, engine shutdown); None otherwise."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds: queue_s (submit -> first forward), generate_s (first forward -> finished)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_ids.shape[0])
+
+
+def aborted(prompt: list[int], error: str) -> Rollout:
+    """The result of a refused request: no tokens, finish_reason 'abort', `error` set."""
+    return Rollout(prompt_ids=prompt, response_ids=torch.zeros(0, dtype=torch.int64),
+                   logprobs=torch.zeros(0, dtype=torch.float32), versions=torch.zeros(0, dtype=torch.int64),
+                   routes=None, finish_reason="abort", error=error)
+
+
+class Engine(Protocol):
+    """What the sampler service uses (see the module docstring for the threading rules)."""
+
+    @property
+    def version(self) -> int:
+        """Weight version in use (-1 before any weights)."""
+        ...
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Rollout]]:
+        """Blocking. One list of `params.n` rollouts per request, in request order."""
+        ...
+
+    def update_weights(self, version: int, named_tensors: NamedTensors) -> None:
+        """HF-named tensors (FP8 `X.weight` + `X.weight_scale_inv`, or plain floating weights). Raises
+        WeightUpdateError and keeps the old weights if the set is not complete and well-shaped or if
+        `version` is not above the current one."""
+        ...
+
+    def pause(self) -> None:
+        """Hold generation at the next step boundary (requests stay in flight) until `resume()`."""
+        ...
+
+    def resume(self) -> None:
+        ...
+
+    def reset(self) -> None:
+        """Forget the version number (the learner rolled back); the next update may carry any version."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """Cheap snapshot: version, paused, running/waiting sequences, totals."""
+        ...
+
+
+def make_engine(cfg: Config, *, model_cfg: ModelConfig, state: NamedTensors | None = None,
+                version: int = 0, model_path: str = "") -> Engine:
+    """The engine of `cfg.sampler.engine`.
+
+    torch_fp8: built from `model_cfg`; `state` (HF-named tensors, e.g. `iter_hf_state(model)` or
+        `iter_hf_folder(path, keep_fp8=True)`) is loaded as `version` when given.
+    sglang: launches `sglang.Engine(model_path=model_path, ...)` (GPU); `model_cfg` gives the layout of the
+        returned routes.
+    """
+    name = cfg.sampler.engine
+    if name == "torch_fp8":
+        from minirl_async.engine.torch_fp8 import TorchFP8Engine
+
+        eng = TorchFP8Engine.from_config(cfg, model_cfg)
+        if state is not None:
+            eng.update_weights(version, state)
+        return eng
+    if name == "sglang":
+        from minirl_async.engine.sglang_engine import SGLangEngine
+
+        if not model_path:
+            raise ValueError("sampler.engine='sglang' needs a model folder: set model.path or run.sft_checkpoint")
+        return SGLangEngine.from_config(cfg, model_cfg, model_path, version=version)
+    raise ValueError(f"sampler.engine={name!r}: choose 'torch_fp8' or 'sglang'")

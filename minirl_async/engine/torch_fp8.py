@@ -1,0 +1,364 @@
+"""The embedded sampler engine: pure PyTorch, block-FP8 weights, continuous batching, routed-expert capture.
+
+    eng = TorchFP8Engine(model_cfg, fp8=True, fp8_block=32, dtype=torch.bfloat16, max_batch_size=16)
+    eng.update_weights(0, iter_hf_state(model))            # HF names; FP8 + scales or plain weights
+    out = eng.generate([GenerateRequest([3, 4, 5], SamplingParams(n=8, seed=1, max_new_tokens=32))])
+
+How a batch runs (`generate`, blocking, one caller thread at a time; see base.py for the threading rules):
+- Requests are validated; bad ones come back as 'abort' rollouts with `error` set, the rest are expanded
+  into `n` sequences each and queued.
+- Loop: admit queued sequences into free slots (continuous batching: a finished sequence frees its slot for
+  the next step); prefill each admitted distinct prompt once (right-padded batch, causal attention) and
+  copy its KV rows and prompt routes to the request's other samples; then one decode step for every active
+  slot, with a per-row position and an attention mask over the slot's own written positions.
+- Sampling: `sampling.sample_tokens` with one uniform per row from the sequence's own seeded stream, so a
+  seeded request is reproducible whatever shares its batch. The recorded logprob is
+  `log_softmax(logits / T)[token]` (T = 1 when greedy), the quantity the learner recomputes.
+- Routes: the model runs in RECORD mode; each forward's `[B, T, L, K]` indices are written into a per-slot
+  buffer at the tokens' positions, so a finished sequence's routes are rows `0 .. P+R-2` (SGLang layout).
+  `capture_routes=False` runs the router in free mode and returns None.
+- Weights: `update_weights` validates and dequantises outside any lock (weights.py), then swaps every
+  parameter at a version boundary: after the running batch, or, in interruptible mode, between two
+  decode steps (tokens record the version that produced them). `pause()` holds the loop at the next step
+  boundary; updates may be applied while paused.
+
+Numerics: linear projections hold the values of block-FP8 weights (`float8_e4m3fn` x `weight_scale_inv`)
+cached in the compute dtype (weights.py explains why cached); embeddings, norms, router and lm_head stay in
+the compute dtype, as in SGLang's FP8 Qwen3-MoE. `fp8=False` keeps plain weights (tests use float64).
+
+Legend: B active rows, T tokens, S key positions, V vocab, L MoE layers, K top-k, P prompt, R response.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from minirl_async.engine.base import (
+    GenerateRequest,
+    NamedTensors,
+    Rollout,
+    SamplingParams,
+    WeightUpdateError,
+    aborted,
+)
+from minirl_async.engine.kv_cache import SlotKVCache
+from minirl_async.engine.sampling import sample_tokens
+from minirl_async.engine.weights import prepare_update
+from minirl_async.models.config import ModelConfig
+from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM
+from minirl_async.models.routing import Routing, routes_dtype
+
+if TYPE_CHECKING:
+    from minirl_async.config import Config
+
+log = logging.getLogger(__name__)
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+@dataclass
+class _Seq:
+    req: int
+    sample: int
+    prompt: list[int]
+    params: SamplingParams
+    rng: random.Random
+    max_new: int
+    stop: frozenset[int]
+    t_submit: float
+    t_start: float = 0.0
+    n_gen: int = 0
+
+
+class TorchFP8Engine:
+    """See the module docstring. All public methods but `generate` are thread-safe."""
+
+    def __init__(self, model_cfg: ModelConfig, *, fp8: bool = True, fp8_block: int = 128,
+                 dtype: torch.dtype = torch.bfloat16, device: str = "cpu", max_batch_size: int = 64,
+                 max_context: int | None = None, capture_routes: bool = True, interruptible: bool = False,
+                 seed: int = 0):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.cfg = model_cfg
+        self.fp8, self.fp8_block, self.dtype, self.device = fp8, fp8_block, dtype, torch.device(device)
+        self.max_slots = max_batch_size
+        self.max_context = max_context or model_cfg.max_position_embeddings
+        if self.max_context < 2:
+            raise ValueError(f"max_context must be >= 2, got {self.max_context}")
+        self.capture_routes = capture_routes and model_cfg.num_moe_layers > 0
+        self.interruptible = interruptible
+        self._seed_rng = random.Random(seed)  # seeds of unseeded requests
+        self.model = Qwen3MoeForCausalLM(model_cfg).to(device=self.device, dtype=dtype).eval()
+        self.model.requires_grad_(False)
+        self._version = -1
+        S, C, dev = self.max_slots, self.max_context, self.device
+        self.cache = SlotKVCache(model_cfg.num_hidden_layers, S, model_cfg.num_key_value_heads, C,
+                                 model_cfg.head_dim, dtype, dev)
+        # Per-slot state; rows 0..n-1 are the active sequences (compacted on finish).
+        self._last = torch.zeros(S, dtype=torch.long, device=dev)     # token to feed next
+        self._pos = torch.zeros(S, dtype=torch.long, device=dev)      # its position
+        self._temp = torch.ones(S, dtype=torch.float32, device=dev)
+        self._top_p = torch.ones(S, dtype=torch.float32, device=dev)
+        self._top_k = torch.zeros(S, dtype=torch.long, device=dev)
+        self._tok = torch.zeros(S, C, dtype=torch.long)
+        self._logp = torch.zeros(S, C, dtype=torch.float32)
+        self._ver = torch.zeros(S, C, dtype=torch.long)
+        L, K = model_cfg.num_moe_layers, model_cfg.num_experts_per_tok
+        rdt = routes_dtype(max(model_cfg.num_experts, 1))
+        self._routes = torch.zeros(S, C, L, K, dtype=rdt) if self.capture_routes else None
+        self._arange_C = torch.arange(C, device=dev)
+        # Version-boundary coordination between the generate thread and updaters / pause.
+        self._cv = threading.Condition()
+        self._busy = False
+        self._swap_pending = 0
+        self._paused = False
+        self._stats = {"requests": 0, "refused_requests": 0, "tokens": 0, "updates": 0, "refused_updates": 0}
+        self._running = 0
+        self._waiting = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config, model_cfg: ModelConfig) -> TorchFP8Engine:
+        s = cfg.sampler
+        return cls(model_cfg, fp8=s.fp8, fp8_block=cfg.model.fp8_block_size, dtype=_DTYPES[s.compute_dtype],
+                   device=s.device, max_batch_size=s.max_batch_size, capture_routes=s.capture_routes,
+                   interruptible=s.interruptible, seed=cfg.run.seed)
+
+    # ------------------------------------------------------------------------------------ control plane
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def update_weights(self, version: int, named_tensors: NamedTensors) -> None:
+        if version <= self._version:
+            self._stats["refused_updates"] += 1
+            raise WeightUpdateError(f"weight update refused: version {version} is not above the current "
+                                    f"{self._version} (call reset() after a learner rollback)")
+        try:
+            new = prepare_update(self.cfg, named_tensors, fp8=self.fp8, block=self.fp8_block, dtype=self.dtype,
+                                 device=self.device)
+        except WeightUpdateError:
+            self._stats["refused_updates"] += 1
+            raise
+        params = dict(self.model.named_parameters())
+        assert set(params) == set(new), sorted(set(params) ^ set(new))[:5]
+        with self._cv:
+            self._swap_pending += 1
+            try:
+                while self._busy:
+                    self._cv.wait()
+                if version <= self._version:  # a concurrent update got there first
+                    self._stats["refused_updates"] += 1
+                    raise WeightUpdateError(f"weight update refused: version {version} is not above the "
+                                            f"current {self._version}")
+                for name, p in params.items():
+                    p.data = new[name]
+                self._version = version
+                self._stats["updates"] += 1
+            finally:
+                self._swap_pending -= 1
+                self._cv.notify_all()
+
+    def pause(self) -> None:
+        with self._cv:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    def reset(self) -> None:
+        with self._cv:
+            self._version = -1
+
+    def health(self) -> dict[str, Any]:
+        return {"engine": "torch_fp8", "version": self._version, "paused": self._paused, "busy": self._busy,
+                "running": self._running, "waiting": self._waiting, "fp8": self.fp8,
+                "dtype": str(self.dtype).removeprefix("torch."), "capture_routes": self.capture_routes,
+                **self._stats}
+
+    def _enter(self) -> None:
+        with self._cv:
+            while self._paused or self._swap_pending:
+                self._cv.wait()
+            self._busy = True
+
+    def _leave(self) -> None:
+        with self._cv:
+            self._busy = False
+            self._cv.notify_all()
+
+    def _boundary(self) -> None:
+        """Between two steps: honour pause, and in interruptible mode let a pending update swap in."""
+        with self._cv:
+            if self._paused or (self.interruptible and self._swap_pending):
+                self._busy = False
+                self._cv.notify_all()
+                while self._paused or (self.interruptible and self._swap_pending):
+                    self._cv.wait()
+                self._busy = True
+
+    # ------------------------------------------------------------------------------------ generation
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Rollout]]:
+        if self._version < 0:
+            raise RuntimeError("torch_fp8 engine has no weights yet: call update_weights(version, tensors) first")
+        t0 = time.perf_counter()
+        out: list[list[Rollout | None]] = []
+        queue: deque[_Seq] = deque()
+        for r, req in enumerate(requests):
+            self._stats["requests"] += 1
+            try:
+                prompt = req.check(self.cfg.vocab_size, self.max_context)
+            except ValueError as e:
+                self._stats["refused_requests"] += 1
+                bad = _prompt_or_empty(req)
+                out.append([aborted(bad, f"request {req.request_id or r}: {e}")
+                            for _ in range(max(int(req.params.n) if isinstance(req.params.n, int) else 1, 1))])
+                continue
+            p = req.params
+            out.append([None] * p.n)
+            base = p.seed if p.seed is not None else self._seed_rng.getrandbits(63)
+            for j in range(p.n):
+                queue.append(_Seq(r, j, prompt, p, random.Random(base + j),
+                                  min(p.max_new_tokens, self.max_context - len(prompt)),
+                                  frozenset(p.stop_token_ids), t0))
+        self._enter()
+        try:
+            with torch.inference_mode():
+                self._run(queue, out)
+        finally:
+            self._running = self._waiting = 0
+            self._leave()
+        assert all(x is not None for row in out for x in row)
+        return [[x for x in row if x is not None] for row in out]
+
+    def _run(self, queue: deque[_Seq], out: list[list[Rollout | None]]) -> None:
+        active: list[_Seq] = []
+        while queue or active:
+            self._boundary()
+            if queue and len(active) < self.max_slots:
+                self._admit(queue, active, out)
+            if active:
+                self._decode(active, out)
+            self._running, self._waiting = len(active), len(queue)
+
+    def _admit(self, queue: deque[_Seq], active: list[_Seq], out: list[list[Rollout | None]]) -> None:
+        take = [queue.popleft() for _ in range(min(len(queue), self.max_slots - len(active)))]
+        # Slots: first one sample per distinct request (prefilled together, contiguous), then the others.
+        firsts: dict[int, _Seq] = {}
+        for s in take:
+            firsts.setdefault(s.req, s)
+        order = list(firsts.values()) + [s for s in take if firsts[s.req] is not s]
+        n0, u = len(active), len(firsts)
+        now = time.perf_counter()
+        for s in order:
+            s.t_start = now
+        lens = [len(s.prompt) for s in firsts.values()]
+        T = max(lens)
+        ids_UT = torch.zeros(u, T, dtype=torch.long)
+        for i, s in enumerate(firsts.values()):
+            ids_UT[i, : len(s.prompt)] = torch.tensor(s.prompt)
+        ids_UT = ids_UT.to(self.device)
+        self.cache.bind(slice(n0, n0 + u), torch.zeros(u, dtype=torch.long), T, T)
+        routing = Routing("record") if self.capture_routes else None
+        pos_UT = torch.arange(T, device=self.device).expand(u, T)
+        h_UTD = self.model.forward_hidden(ids_UT, pos_UT, routing=routing, kv_cache=self.cache)
+        lens_U = torch.tensor(lens, device=self.device)
+        logits_UV = self.model.lm_head(h_UTD[torch.arange(u, device=self.device), lens_U - 1])
+        slot_of_req = {s.req: n0 + i for i, s in enumerate(firsts.values())}
+        src_row: list[int] = []
+        for k, s in enumerate(order):
+            slot, src = n0 + k, slot_of_req[s.req]
+            src_row.append(src - n0)
+            P = len(s.prompt)
+            if self._routes is not None:
+                assert routing is not None and routing.recorded_BTLK is not None
+                self._routes[slot, :P] = routing.recorded_BTLK[src - n0, :P].cpu()
+            if slot != src:
+                self.cache.move(src, slot, P)
+            self._pos[slot] = P
+            self._temp[slot] = float(s.params.temperature)
+            self._top_p[slot] = float(s.params.top_p)
+            self._top_k[slot] = int(s.params.top_k)
+        active.extend(order)
+        rows = slice(n0, n0 + len(order))
+        logits_BV = logits_UV[torch.tensor(src_row, device=self.device)]
+        self._sample_and_finish(active, rows, logits_BV, out, advance=False)
+
+    def _decode(self, active: list[_Seq], out: list[list[Rollout | None]]) -> None:
+        n = len(active)
+        pos_B = self._pos[:n]
+        S = int(pos_B.max()) + 1
+        mask_B11S = (self._arange_C[:S][None, :] <= pos_B[:, None])[:, None, None, :]
+        self.cache.bind(slice(0, n), pos_B, 1, S)
+        routing = Routing("record") if self.capture_routes else None
+        logits_BV = self.model(self._last[:n, None], pos_B[:, None], routing=routing, kv_cache=self.cache,
+                               attn_mask=mask_B11S)[:, -1]
+        if self._routes is not None:
+            assert routing is not None and routing.recorded_BTLK is not None
+            self._routes[torch.arange(n), pos_B.cpu()] = routing.recorded_BTLK[:, 0].cpu()
+        self._sample_and_finish(active, slice(0, n), logits_BV, out, advance=True)
+
+    def _sample_and_finish(self, active: list[_Seq], rows: slice, logits_BV: torch.Tensor,
+                           out: list[list[Rollout | None]], advance: bool) -> None:
+        """Sample the next token of active[rows], record it, finish sequences, compact the slots."""
+        seqs = active[rows]
+        u_B = torch.tensor([s.rng.random() for s in seqs], dtype=torch.float64, device=self.device)
+        tok_B, logp_B = sample_tokens(logits_BV, self._temp[rows], self._top_p[rows], self._top_k[rows], u_B)
+        tok_cpu = tok_B.cpu()
+        gen_B = torch.tensor([s.n_gen for s in seqs])
+        slots_B = torch.arange(rows.start, rows.stop)
+        self._tok[slots_B, gen_B] = tok_cpu
+        self._logp[slots_B, gen_B] = logp_B.cpu()
+        self._ver[slots_B, gen_B] = self._version
+        self._last[rows] = tok_B
+        if advance:   # decode: the sampled token goes one position further (prefill set P already)
+            self._pos[rows] += 1
+        done: list[tuple[int, str]] = []
+        for i, (s, t) in enumerate(zip(seqs, tok_cpu.tolist())):
+            s.n_gen += 1
+            if t in s.stop:
+                done.append((rows.start + i, "stop"))
+            elif s.n_gen >= s.max_new:
+                done.append((rows.start + i, "length"))
+        self._stats["tokens"] += len(seqs)
+        for slot, reason in sorted(done, reverse=True):   # high slots first, so moves never clobber
+            self._finish(active, slot, reason, out)
+
+    def _finish(self, active: list[_Seq], slot: int, reason: str, out: list[list[Rollout | None]]) -> None:
+        s = active[slot]
+        R, P = s.n_gen, len(s.prompt)
+        routes = self._routes[slot, : P + R - 1].clone() if self._routes is not None else None
+        out[s.req][s.sample] = Rollout(
+            prompt_ids=s.prompt, response_ids=self._tok[slot, :R].clone(), logprobs=self._logp[slot, :R].clone(),
+            versions=self._ver[slot, :R].clone(), routes=routes, finish_reason=reason,  # type: ignore[arg-type]
+            timings={"queue_s": s.t_start - s.t_submit, "generate_s": time.perf_counter() - s.t_start})
+        last = len(active) - 1
+        if slot != last:   # compact: the last active sequence moves into the freed slot
+            m = active[last]
+            mlen = len(m.prompt) + m.n_gen
+            self.cache.move(last, slot, mlen)
+            for buf in (self._last, self._pos, self._temp, self._top_p, self._top_k):
+                buf[slot] = buf[last]
+            self._tok[slot, : m.n_gen] = self._tok[last, : m.n_gen]
+            self._logp[slot, : m.n_gen] = self._logp[last, : m.n_gen]
+            self._ver[slot, : m.n_gen] = self._ver[last, : m.n_gen]
+            if self._routes is not None:
+                self._routes[slot, :mlen] = self._routes[last, :mlen]
+            active[slot] = m
+        active.pop()
+
+
+def _prompt_or_empty(req: GenerateRequest) -> list[int]:
+    try:
+        return req.prompt_list()
+    except (TypeError, ValueError):
+        return []
