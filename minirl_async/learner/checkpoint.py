@@ -1,0 +1,145 @@
+"""Learner checkpoints: atomic, keep-last-K, bit-exact resume; and HF-format export.
+
+A checkpoint is a folder `ROOT/step_{version:08d}/` with
+    model.pt      full (unsharded) model state dict, fp32 master weights
+    optim.pt      full AdamW state (moments, step counts) in the same naming
+    trainer.pt    scheduler state, version, skipped-update count, RNG states (torch CPU/CUDA, python, numpy)
+                  and `extra`: an opaque dict the caller owns (the controller's ledger, dataset cursor...)
+
+Atomicity: everything is written into `ROOT/.tmp-step_X-<pid>/` and then renamed to `step_X` with
+`os.replace`, so a crash mid-write leaves at worst a `.tmp-*` folder (removed by the next save) and the last
+good checkpoint untouched; readers only ever see complete `step_*` folders. After a save only the newest
+`keep_last` checkpoints remain.
+
+FSDP: every rank must call `save_checkpoint` / `load_latest` (gathering the full state is a collective);
+rank 0 writes; every rank reads, so ROOT must be on a filesystem all learner ranks can see.
+
+    path = save_checkpoint(trainer, run_dir / "checkpoints", extra={"controller": ctl.state_dict()}, keep_last=2)
+    extra = load_latest(trainer, run_dir / "checkpoints")   # None when there is no checkpoint
+    export_hf(trainer, "export/")                             # config.json + model.safetensors
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+if TYPE_CHECKING:
+    from minirl_async.learner.trainer import Trainer
+
+PREFIX = "step_"
+
+
+def _barrier(trainer: Trainer) -> None:
+    if trainer.world > 1:
+        dist.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    r = Path(root)
+    if not r.is_dir():
+        return []
+    return sorted(p for p in r.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def save_checkpoint(trainer: Trainer, root: str | Path, extra: dict[str, Any], keep_last: int = 2,
+                    _fail_after: str | None = None) -> Path | None:
+    """Write checkpoint `root/step_{trainer.version:08d}` atomically; returns its path on rank 0 (None on the
+    other ranks). `_fail_after` (tests only) raises after writing the named file, to simulate a crash."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(trainer.policy, options=opts)
+    optim_sd = get_optimizer_state_dict(trainer.policy, trainer.optimizer, options=opts)
+    path: Path | None = None
+    if trainer.rank == 0:
+        r = Path(root)
+        r.mkdir(parents=True, exist_ok=True)
+        for stale in r.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)   # left by a crashed save
+        final = r / f"{PREFIX}{trainer.version:08d}"
+        tmp = r / f".tmp-{final.name}-{os.getpid()}"
+        tmp.mkdir()
+        meta = {"version": trainer.version, "skipped_updates": trainer.skipped_updates,
+                "scheduler": trainer.scheduler.state_dict(), "rng": _rng_state(), "extra": extra}
+        for name, obj in (("model.pt", model_sd), ("optim.pt", optim_sd), ("trainer.pt", meta)):
+            torch.save(obj, tmp / name)
+            if _fail_after == name:
+                raise RuntimeError(f"simulated crash after writing {name}")
+        if final.exists():   # saving the same version again: move the old one aside first
+            old = r / f".tmp-old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        for old_ckpt in list_checkpoints(r)[:-keep_last]:
+            shutil.rmtree(old_ckpt, ignore_errors=True)
+        path = final
+    _barrier(trainer)
+    return path
+
+
+def load_checkpoint(trainer: Trainer, path: str | Path) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, version and RNG states from `path`; returns `extra`."""
+    p = Path(path)
+    for name in ("model.pt", "optim.pt", "trainer.pt"):
+        if not (p / name).is_file():
+            raise ValueError(f"{p} is not a learner checkpoint (missing {name})")
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(trainer.policy, torch.load(p / "model.pt", weights_only=True), options=opts)
+    set_optimizer_state_dict(trainer.policy, trainer.optimizer, torch.load(p / "optim.pt", weights_only=True),
+                             options=opts)
+    meta = torch.load(p / "trainer.pt", weights_only=False)   # our own file: python RNG state is a tuple
+    trainer.scheduler.load_state_dict(meta["scheduler"])
+    trainer.version = int(meta["version"])
+    trainer.skipped_updates = int(meta["skipped_updates"])
+    _set_rng_state(meta["rng"])
+    return dict(meta["extra"])
+
+
+def load_latest(trainer: Trainer, root: str | Path) -> dict[str, Any] | None:
+    """Restore the newest checkpoint under `root`; its `extra`, or None when there is none."""
+    ckpts = list_checkpoints(root)
+    return load_checkpoint(trainer, ckpts[-1]) if ckpts else None
+
+
+def export_hf(trainer: Trainer, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write an HF folder (config.json + safetensors) loadable by `models.hf_io.load_hf` and transformers.
+    Every rank must call it (parameters are gathered one at a time); rank 0 writes."""
+    from minirl_async.models.hf_io import save_hf
+
+    out = Path(folder)
+    if trainer.rank == 0:
+        save_hf(trainer.model, trainer.mcfg, out, dtype=dtype)
+    else:
+        for _ in trainer.iter_full_state():
+            pass
+    _barrier(trainer)
+    return out
