@@ -56,12 +56,13 @@ from minirl_async.services.common import (
     config_of,
     install_stop_handlers,
     mark_ready,
+    sanity_errors,
     set_threads,
     setup_logging,
 )
 from minirl_async.services.compute import make_trainer
 
-from minirl_async.config import Config
+from minirl_async.config import Config, ConfigError
 from minirl_async.controller import Controller
 from minirl_async.staleness import StalenessTracker, lag_metrics
 from minirl_async.tasks.source import make_prompt_source
@@ -372,8 +373,15 @@ def follower(cfg: Config, dist: Any) -> int:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_of(args)
+    errors = sanity_errors(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors))
     dist = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != cfg.learner.world_size:
+        raise ConfigError(f"learner.world_size is {cfg.learner.world_size} but {world} ranks were started "
+                          f"(torchrun --nnodes x --nproc-per-node); make them agree")
+    if world > 1:
         import torch.distributed as torch_dist
 
         if not torch_dist.is_initialized():
