@@ -200,7 +200,9 @@ class LearnerHub:
     # ---- training ------------------------------------------------------------------------------------
     async def publish(self, publisher: WeightPublisher, version: int) -> float:
         t0 = time.monotonic()
-        self._command({"op": "publish", "version": version})
+        # Without specs the sender walks the state twice (plan, then serialise): the other ranks must walk it
+        # as often, since every walk gathers shards collectively.
+        self._command({"op": "publish", "version": version, "passes": 2})
         chunks = publisher.sender.publish(version, self.trainer.state_fn)
         n = 0
         while True:  # serialise chunk by chunk off the event loop, send each as soon as it is ready
@@ -255,8 +257,9 @@ class LearnerHub:
             row.update(lag_metrics(v, per_mb, n))
             row.update(decision.metrics())
             row.update(ctl.metrics())
+            row.setdefault("perf/train_tok_s", all_tok / max(train_s, 1e-9))  # the trainer's figure if it gave one
             row.update({"perf/step_s": step_s, "perf/sample_tok_s": resp_tok / max(step_s, 1e-9),
-                        "perf/train_tok_s": all_tok / max(train_s, 1e-9), "perf/weight_sync_s": sync_s,
+                        "perf/weight_sync_s": sync_s,
                         "perf/train_s": train_s, "perf/learner_busy_s": self.busy_s,
                         "pipeline/bad_messages": sum(s.errors for s in self.stats.values())})
             self.prev_kl = tm.get("kl/train_infer_k3")
@@ -303,8 +306,10 @@ class LearnerHub:
         pub = weights_pub(ctx, net.weights_addr, opts)
         pull = scored_pull(ctx, net.scored_addr, opts)
         fp8_block = cfg.model.fp8_block_size if cfg.sampler.fp8 and cfg.sampler.engine == "torch_fp8" else 0
+        # Several ranks: re-serialising for a late joiner would be a collective walk on rank 0 alone, so the
+        # published chunks are kept instead.
         sender = WeightSender(int(net.weight_chunk_mb * (1 << 20)), fp8_block=fp8_block,
-                              keep_blobs=net.weight_keep_blobs)
+                              keep_blobs=net.weight_keep_blobs or self.dist is not None)
         publisher = WeightPublisher(pub, sender, self.log)
         await self.publish(publisher, self.controller.version)
 
@@ -329,6 +334,7 @@ class LearnerHub:
                 if t is not stopper and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
             if trainer_task in done:
+                self._command({"op": "export", "folder": str(self.run_dir / "final")})
                 await asyncio.to_thread(self.trainer.export, self.run_dir / "final")
                 for peer in self.peers:
                     await self._send(router, Shutdown(sender="learner", reason="done"), peer)
@@ -361,8 +367,11 @@ def follower(cfg: Config, dist: Any) -> int:
         if cmd["op"] == "step":
             trainer.step(cmd["groups"], cmd["mode"], cmd["version"])
         elif cmd["op"] == "publish":
-            for _ in trainer.state_fn():
-                pass
+            for _ in range(cmd["passes"]):
+                for _ in trainer.state_fn():
+                    pass
+        elif cmd["op"] == "export":
+            trainer.export(Path(cmd["folder"]))
         elif cmd["op"] == "save":
             trainer.save_checkpoint(cmd["step"], cmd["extra"])
         elif cmd["op"] == "load":

@@ -83,27 +83,30 @@ class RealEngine:
 
 
 class RealTrainer:
-    """The learner's trainer behind the learner service's interface (see services/compute.py)."""
+    """The learner's Trainer behind the learner service's interface (see services/compute.py). Every rank
+    builds one; the learner service keeps the ranks in step (same calls, same order)."""
 
     def __init__(self, cfg: Config, run_dir: Path, checkpoint: str):
-        import importlib
+        from minirl_async.learner.fsdp import init_distributed
+        from minirl_async.learner.trainer import Trainer
 
-        try:
-            trainer_mod = importlib.import_module("minirl_async.learner.trainer")
-        except ImportError as e:
-            raise RuntimeError(f"the learner's trainer is not available in this version ({e}); "
-                               "use run.fake_compute=true to exercise the pipeline alone") from e
+        init_distributed(cfg.learner.device)
         self.cfg, self.run_dir = cfg, run_dir
-        self.impl = trainer_mod.Trainer.from_checkpoint(cfg, checkpoint, run_dir=run_dir)
+        self.impl = Trainer.from_config(cfg, checkpoint)
 
     def state_fn(self) -> Any:
-        return self.impl.iter_hf_state()
+        return self.impl.iter_full_state()
 
     def step(self, groups: list[ScoredGroup], replay_mode: int, version: int) -> dict[str, Any]:
-        return dict(self.impl.train_step(groups, replay_mode=replay_mode))
+        from minirl_async.learner.batch import Group
+        from minirl_async.staleness import MODE_NAMES
 
-    def save_checkpoint(self, step: int, extra: dict[str, Any]) -> Path:
-        return Path(self.impl.save_checkpoint(self.run_dir / "checkpoints", step=step, extra=extra))
+        assert self.impl.version == version, (self.impl.version, version)
+        return dict(self.impl.train_step([Group.from_scored(g) for g in groups], replay_mode=MODE_NAMES[replay_mode]))
+
+    def save_checkpoint(self, step: int, extra: dict[str, Any]) -> Path | None:
+        assert self.impl.version == step, (self.impl.version, step)
+        return self.impl.save_checkpoint(self.run_dir / "checkpoints", extra)
 
     def load_latest(self) -> dict[str, Any] | None:
         return self.impl.load_latest(self.run_dir / "checkpoints")

@@ -75,6 +75,7 @@ class SamplerService:
         self.groups_done = 0
         self.busy_s = 0.0
         self.busy_log: Any = None
+        self.generating = False
 
     @property
     def version(self) -> int:
@@ -99,6 +100,9 @@ class SamplerService:
         ws = self.receiver.feed(msg)  # ProtocolError for bad/old chunks: counted and dropped
         if ws is not None:
             self.pending = ws
+            if self.cfg.sampler.interruptible and self.generating:
+                # The engine swaps it in between two decode steps of the running batch (per-token versions).
+                asyncio.get_running_loop().create_task(self.apply_pending())
 
     # ---- main loop ----------------------------------------------------------------------------------
     async def apply_pending(self) -> None:
@@ -152,7 +156,11 @@ class SamplerService:
 
     async def generate(self, groups: list[PromptGroup], push: zmq.asyncio.Socket) -> None:
         t0, w0 = time.monotonic(), time.time()
-        rollouts = await asyncio.to_thread(self.engine.generate, groups)
+        self.generating = True
+        try:
+            rollouts = await asyncio.to_thread(self.engine.generate, groups)
+        finally:
+            self.generating = False
         self.busy_s += time.monotonic() - t0
         if self.busy_log is not None:  # busy intervals (wall clock) for the overlap bench and the report
             self.busy_log.write(f"{w0:.6f} {time.time():.6f} {len(groups)}\n")
