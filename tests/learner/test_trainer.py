@@ -1,0 +1,171 @@
+"""Trainer: R2/R3 semantics, learning on a toy reward, bad input, non-finite updates, lr schedule (fp64)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from learner_util import make_groups, run_config, tiny_model
+
+import minirl_async.learner.trainer as trainer_mod
+from minirl_async.learner import BatchError, Group, Sample, Trainer
+from minirl_async.learner.trainer import lr_lambda
+
+
+def _weights(tr: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in tr.model.parameters()])
+
+
+def _one_step(model, groups, mode, *overrides):
+    tr = Trainer(run_config(*overrides), copy.deepcopy(model))
+    m = tr.train_step(groups, mode)
+    return tr, m
+
+
+def test_on_policy_metrics(model):
+    groups = make_groups(model)
+    _, m = _one_step(model, groups, "none")
+    assert abs(m["kl/train_infer_k1"]) < 1e-6 and m["kl/train_infer_k3"] < 1e-10   # rollout lp are float32
+    assert m["routing/agree_frac"] == 1.0 and m["routing/agree_frac_l0"] == m["routing/agree_frac_l1"] == 1.0
+    assert m["loss/clip_frac"] == 0.0 and m["is/trunc_frac"] == 0.0
+    assert m["kl/staleness_k3"] > 0 and m["policy/entropy"] > 0 and m["train/num_updates"] == 2
+
+
+def test_r2_first_update_equals_no_replay(model):
+    groups = make_groups(model, seed=3)
+    one_mb = ("learner.minibatch_groups=2",)   # N = 1: the step is exactly the first minibatch update
+    w_none = _weights(_one_step(model, groups, "none", *one_mb)[0])
+    w_r2 = _weights(_one_step(model, groups, "r2", *one_mb)[0])
+    assert not torch.equal(w_none, _weights(Trainer(run_config(), copy.deepcopy(model))))
+    assert torch.equal(w_none, w_r2)
+    # with N = 2 the second update replays the proximal routes, so the step differs from free routing
+    w_none2 = _weights(_one_step(model, groups, "none")[0])
+    w_r2b = _weights(_one_step(model, groups, "r2")[0])
+    assert not torch.allclose(w_none2, w_r2b, atol=1e-12)
+
+
+def test_r3_replays_sampler_routes(model):
+    groups = make_groups(model, seed=4)
+    one_mb = ("learner.minibatch_groups=2",)
+    # sampler routes == learner routes: R3 is R2
+    w_r2 = _weights(_one_step(model, groups, "r2", *one_mb)[0])
+    assert torch.equal(_weights(_one_step(model, groups, "r3", *one_mb)[0]), w_r2)
+    # different sampler routes: R3 differs from the first minibatch on
+    E = model.config.num_experts
+    for g in groups:
+        for s in g.samples:
+            assert s.routes is not None
+            s.routes = ((s.routes.long() + 1) % E).to(s.routes.dtype)
+    tr, m = _one_step(model, groups, "r3", *one_mb)
+    assert not torch.allclose(_weights(tr), w_r2, atol=1e-9)
+    assert m["routing/agree_frac"] < 0.5   # agreement is measured with free routing, not the replayed one
+
+
+def test_learning_increases_sequence_objective(model):
+    # fixed toy batch: reward 1 for responses containing token 7; a few steps must raise sum A_i log pi(y_i)
+    groups = make_groups(model, num_groups=2, G=4, seed=5)
+    for g in groups:
+        for j, s in enumerate(g.samples):
+            if j % 2 == 0:
+                s.response_ids[0] = 7
+        for s in g.samples:
+            s.reward = float((s.response_ids == 7).any())
+
+    def objective(m):
+        total = 0.0
+        for g in groups:
+            mean = sum(s.reward for s in g.samples) / len(g.samples)
+            for s in g.samples:
+                seq = torch.cat([s.prompt_ids, s.response_ids])
+                with torch.no_grad():
+                    lp = torch.log_softmax(m(seq[None, :-1])[0], -1)
+                P = len(s.prompt_ids)
+                total += (s.reward - mean) * float(lp[P - 1:].gather(-1, s.response_ids[:, None]).sum())
+        return total
+
+    tr = Trainer(run_config("learner.lr=0.003"), copy.deepcopy(model))
+    before = objective(tr.model)
+    for _ in range(4):
+        tr.train_step(groups, "r2")
+    # the sequence-level REINFORCE loss -sum A_i log pi(y_i) falls (the surrogate's own value is not
+    # comparable across steps: its weights d * r change as the policy moves away from the fixed mu)
+    assert objective(tr.model) > before + 0.5
+
+
+def _sample(P=3, R=2, E=4):
+    return Sample(prompt_ids=torch.arange(P), response_ids=torch.arange(R), rollout_logprobs=torch.zeros(R),
+                  reward=1.0, versions=torch.zeros(R, dtype=torch.long),
+                  routes=torch.zeros(P + R - 1, 2, 2, dtype=torch.uint8) + torch.tensor([0, 1], dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda s: setattr(s, "rollout_logprobs", torch.tensor([0.0, float("nan")])), "NaN or inf"),
+    (lambda s: setattr(s, "rollout_logprobs", torch.tensor([0.0, -float("inf")])), "NaN or inf"),
+    (lambda s: setattr(s, "reward", float("inf")), "reward is inf"),
+    (lambda s: setattr(s, "reward", float("nan")), "reward is nan"),
+    (lambda s: (setattr(s, "response_ids", torch.zeros(0, dtype=torch.long)),
+                setattr(s, "rollout_logprobs", torch.zeros(0))), "empty response"),
+    (lambda s: setattr(s, "routes", torch.zeros(5, 2, 2, dtype=torch.uint8)), "routes have shape"),
+    (lambda s: setattr(s, "routes", torch.full((4, 2, 2), 4, dtype=torch.uint8)), "expert ids outside"),
+    (lambda s: setattr(s, "response_ids", torch.tensor([0, 99])), "outside"),
+])
+def test_bad_input_rejected_and_weights_unchanged(model, breakage, message):
+    tr = Trainer(run_config(), copy.deepcopy(model))
+    w0 = _weights(tr)
+    good = Group("good", [_sample(), _sample()])
+    bad = Group("bad-7", [_sample(), _sample()])
+    breakage(bad.samples[1])
+    with pytest.raises(BatchError, match=message) as e:
+        tr.train_step([good, bad], "none")
+    assert "bad-7" in str(e.value) and "sample 1" in str(e.value)
+    assert torch.equal(_weights(tr), w0) and tr.version == 0
+
+
+def test_group_of_one_and_wrong_sizes_rejected(model):
+    tr = Trainer(run_config(), copy.deepcopy(model))
+    with pytest.raises(BatchError, match="'lonely'.*at least 2"):
+        tr.train_step([Group("a", [_sample(), _sample()]), Group("lonely", [_sample()])], "none")
+    with pytest.raises(ValueError, match="multiple of learner.minibatch_groups"):
+        Trainer(run_config("learner.minibatch_groups=2"), copy.deepcopy(model)).train_step(
+            [Group("a", [_sample(), _sample()])], "none")
+    with pytest.raises(ValueError, match="replay_mode"):
+        tr.train_step([Group("a", [_sample(), _sample()])] * 2, "r5")
+    no_routes = [Group(f"n{i}", [_sample(), _sample()]) for i in range(2)]
+    for g in no_routes:
+        for s in g.samples:
+            s.routes = None
+    with pytest.raises(ValueError, match="r3.*routes"):
+        tr.train_step(no_routes, "r3")
+    tr.train_step(no_routes, "r2")   # routes are optional outside r3 (no routing metrics then)
+
+
+def test_non_finite_update_is_skipped(model, monkeypatch):
+    tr = Trainer(run_config(), copy.deepcopy(model))
+    w0 = _weights(tr)
+    real = trainer_mod.compute_policy_loss
+
+    def poisoned(*a, **k):
+        loss, m = real(*a, **k)
+        return loss * float("nan"), {**m, "loss/policy": float("nan")}
+
+    monkeypatch.setattr(trainer_mod, "compute_policy_loss", poisoned)
+    m = tr.train_step(make_groups(model), "none")
+    assert m["train/skipped_updates"] == 2.0 and tr.skipped_updates == 2
+    assert torch.equal(_weights(tr), w0)
+    assert not tr.optimizer.state   # AdamW never stepped: no moments polluted
+    assert all(p.grad is None for p in tr.model.parameters())
+    monkeypatch.setattr(trainer_mod, "compute_policy_loss", real)
+    m = tr.train_step(make_groups(model), "none")
+    assert m["train/skipped_updates"] == 0.0 and not torch.equal(_weights(tr), w0)
+
+
+def test_lr_schedule():
+    f = lr_lambda(warmup=3, total=13, schedule="cosine")
+    assert [f(u) for u in range(3)] == pytest.approx([0.25, 0.5, 0.75])
+    assert f(3) == pytest.approx(1.0) and f(8) == pytest.approx(0.5) and f(13) == pytest.approx(0.0)
+    assert f(20) == pytest.approx(0.0)
+    g = lr_lambda(warmup=0, total=10, schedule="constant")
+    assert g(0) == g(9) == 1.0
+    assert math.isclose(lr_lambda(2, 10, "constant")(5), 1.0)
