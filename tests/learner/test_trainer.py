@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from learner_util import make_groups, run_config, tiny_model
+from learner_util import make_groups, run_config
 
 import minirl_async.learner.trainer as trainer_mod
 from minirl_async.learner import BatchError, Group, Sample, Trainer
