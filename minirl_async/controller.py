@@ -17,7 +17,8 @@ Life of a group (id `g<seq>`, seq = 0, 1, 2, ... in dataset order):
     ready --consumption guard (too stale)--> requeued
 Only groups that are in flight or requeued accept an arrival; anything else is a duplicate (counted,
 dropped). A group is trained at most once and never dropped without being re-issued, so at all times
-    issued == trained + in_flight + requeued + ready            (`pipeline/lost` = the difference = 0)
+    issued == trained + discarded + in_flight + requeued + ready     (`pipeline/lost` = the difference = 0)
+where `discarded` counts only prompts the engine could not serve `max_invalid` times (logged).
 Memory is bounded by the admission bound: at version v at most (v + eta + 1) * groups_per_step groups have
 been issued and v * groups_per_step trained, so the ledger never holds more than (eta + 1) * groups_per_step.
 """
@@ -70,18 +71,20 @@ class Controller:
     """Issues prompt groups under the admission bound and hands whole fresh batches to the trainer."""
 
     def __init__(self, source: PromptSource, tracker: StalenessTracker, groups_per_step: int, lease_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_invalid: int = 3):
         if groups_per_step < 1:
             raise ValueError(f"groups_per_step must be >= 1 (got {groups_per_step})")
         self.source, self.tracker, self.groups_per_step, self.lease_s = source, tracker, groups_per_step, lease_s
-        self.clock = clock
+        self.clock, self.max_invalid = clock, max_invalid
         self.version = 0
         self.next_seq = 0
         self.ledger: dict[int, _Entry] = {}
         self.requeue: list[int] = []  # seqs, oldest first: re-issued before any new group
         self.ready: list[int] = []  # seqs in arrival order
         self.counters = {"grants": 0, "reissued": 0, "trained": 0, "dropped_stale": 0, "grader_errors": 0,
-                         "lease_expired": 0, "duplicates": 0, "unknown": 0, "released": 0, "future": 0}
+                         "lease_expired": 0, "duplicates": 0, "unknown": 0, "released": 0, "future": 0,
+                         "invalid": 0, "discarded": 0}
+        self.invalid_count: dict[int, int] = {}  # seq -> invalid arrivals (a prompt the engine cannot serve)
 
     # ---- granting ------------------------------------------------------------------------------------
 
@@ -149,9 +152,13 @@ class Controller:
     # ---- arrivals ------------------------------------------------------------------------------------
 
     def accept(self, group_id: str, attempt: int, oldest_version: int, payload: Any,
-               grader_failed: bool = False, newest_version: int | None = None) -> str:
-        """Record a ScoredGroup. Returns 'accepted', 'duplicate', 'unknown', 'grader_error', 'stale' or
-        'future'.
+               grader_failed: bool = False, newest_version: int | None = None, invalid: bool = False) -> str:
+        """Record a ScoredGroup. Returns 'accepted', 'duplicate', 'unknown', 'grader_error', 'stale',
+        'future', 'invalid' or 'discarded'.
+
+        `invalid`: the rollouts cannot be trained on (an engine abort, an empty response). The prompt is
+        issued again; after `max_invalid` such arrivals it is discarded for good (counted: a prompt the
+        engine refuses every time would otherwise circulate forever).
 
         The first arrival of a group id wins whatever its attempt (an earlier attempt that was only late is
         as good as the re-issued one, whose arrival will then be the duplicate).
@@ -166,6 +173,16 @@ class Controller:
             return "duplicate"
         if e.state == REQUEUED:
             self.requeue.remove(seq)
+        if invalid:
+            self.counters["invalid"] += 1
+            n = self.invalid_count[seq] = self.invalid_count.get(seq, 0) + 1
+            if n >= self.max_invalid:
+                del self.ledger[seq]
+                self.invalid_count.pop(seq)
+                self.counters["discarded"] += 1
+                return "discarded"
+            self._requeue(e)
+            return "invalid"
         if grader_failed:
             self.counters["grader_errors"] += 1
             self._requeue(e)
@@ -232,12 +249,14 @@ class Controller:
             "pipeline/lease_expired": c["lease_expired"],
             "pipeline/released": c["released"],
             "pipeline/future": c["future"],
+            "pipeline/invalid": c["invalid"],
+            "pipeline/discarded": c["discarded"],
             "pipeline/issued": self.next_seq,
             "pipeline/trained": c["trained"],
             "pipeline/in_flight": in_flight,
             "pipeline/requeued": requeued,
             "pipeline/ready": ready,
-            "pipeline/lost": self.next_seq - c["trained"] - in_flight - requeued - ready,
+            "pipeline/lost": self.next_seq - c["trained"] - c["discarded"] - in_flight - requeued - ready,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -256,7 +275,7 @@ class Controller:
         self.counters = {**self.counters, **state["counters"]}
         self.source.load_state_dict(state["source"])
         self.tracker.load_state_dict(state["tracker"])
-        self.ledger, self.requeue, self.ready = {}, [], []
+        self.ledger, self.requeue, self.ready, self.invalid_count = {}, [], [], {}
         now = self.clock()
         for d in state["entries"]:
             e = _Entry(int(d["seq"]), Prompt(**d["prompt"]), int(d["attempt"]), d["state"],

@@ -183,9 +183,13 @@ class LearnerHub:
         if not isinstance(msg, ScoredGroup):
             raise ProtocolError(f"unexpected {msg.TYPE} on the scored channel")
         v = self.controller.version
+        # An engine abort or an empty response cannot be trained on (the trainer refuses such a group):
+        # the prompt goes back to the queue, and is discarded after a few such returns.
+        invalid = any(r.length == 0 or r.finish_reason == "abort" for r in msg.responses) or \
+            msg.group_size != self.cfg.algo.group_size
         outcome = self.controller.accept(msg.group_id, msg.attempt, oldest_version(msg, v), msg,
                                          grader_failed=bool(msg.grader_info.get("dropped")),
-                                         newest_version=msg.max_version)
+                                         newest_version=msg.max_version, invalid=invalid)
         if outcome != "accepted":
             self.log.info("group %s attempt %d: %s", msg.group_id, msg.attempt, outcome)
         self.batch_event.set()

@@ -248,3 +248,17 @@ def test_rollouts_from_newer_weights_are_requeued():
     assert ctl.accept(t.group_id, 0, 0, None, newest_version=3) == "future"
     m = ctl.metrics()
     assert m["pipeline/future"] == 1 and m["pipeline/requeued"] == 1 and m["pipeline/lost"] == 0
+
+
+def test_invalid_rollouts_are_reissued_then_discarded():
+    ctl, _ = make(eta=0, gps=2)
+    ctl.grant("s0", 2, 0)
+    assert ctl.accept("g0", 0, 0, None, invalid=True) == "invalid"
+    (t,) = ctl.grant("s0", 2, 0)
+    assert (t.group_id, t.attempt) == ("g0", 1)
+    assert ctl.accept("g0", 1, 0, None, invalid=True) == "invalid"
+    ctl.grant("s0", 2, 0)
+    assert ctl.accept("g0", 2, 0, None, invalid=True) == "discarded"
+    m = ctl.metrics()
+    assert m["pipeline/discarded"] == 1 and m["pipeline/invalid"] == 3 and m["pipeline/lost"] == 0
+    assert ctl.accept("g0", 0, 0, None) == "duplicate"
