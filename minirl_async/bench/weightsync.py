@@ -7,7 +7,8 @@ separate process (spawned, so it shares nothing) + checksum verify + blob parse 
 assembly, timed from the first serialisation to the receiver's acknowledgement that the whole version is
 in. Baseline in the same run: a single-process memcpy of the same tensors into preallocated buffers
 (`copy_`, one thread). `ratio` = transport GB/s / memcpy GB/s for the better transport (`ratio_of` says
-which); `tcp_ratio` and `ipc_ratio` are both reported. Each figure is the best of `reps` runs.
+which); `tcp_ratio` and `ipc_ratio` are both reported. Each figure is the best of `reps` runs; the
+1-minute load average is reported because the 2-core machine is shared.
 Default ~256 MB (quick: ~16 MB), chunks of `network.weight_chunk_mb` (16 MB).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -116,14 +118,11 @@ def run(quick: bool) -> dict:
     from minirl_async.proto.stblob import default_checksum_algo
 
     torch.set_num_threads(1)
-    reps = 3
+    reps = 5  # best of: the machine is shared, single runs are noisy
     state = _state((16 if quick else 256) << 20)
     total = sum(t.numel() * t.element_size() for t in state.values())
     chunk_bytes = int(NetworkSection().weight_chunk_mb * (1 << 20))
-    memcpy_s = _memcpy(state, reps)
-    tcp_addr = "tcp://127.0.0.1:0"
-    import socket
-
+    memcpy_s = _memcpy(state, 2 * reps)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         tcp_addr = f"tcp://127.0.0.1:{s.getsockname()[1]}"
@@ -149,4 +148,5 @@ def run(quick: bool) -> dict:
         "ratio_of": best,
         "tcp_s": round(tcp_s, 4),
         "ipc_s": round(ipc_s, 4),
+        "load_avg_1min": round(os.getloadavg()[0], 2),  # other processes on the machine during the run
     }

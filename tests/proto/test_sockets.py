@@ -159,31 +159,33 @@ async def test_weights_end_to_end_with_late_joiner_bad_and_old_chunks(transport,
                 await _until(lambda: publisher.subscribed)
                 assert await publisher.serve_pending() == 1
                 await _until(lambda: len(complete) == 1)
-                old_chunks = list(publisher.sender.resend())
-                # Version 2: a corrupted copy of chunk 0 and an old version-1 chunk arrive amid the real ones.
+                # Version 2 starts (after a corrupted copy of its chunk 0), version 3 overtakes it, and a
+                # version-2 chunk then arrives interleaved with version 3: refused; version 3 completes.
                 for p in state.values():
                     p.mul_(-1)
-                chunks = list(publisher.sender.publish(2, lambda: state.items()))
-                bad = bytearray(chunks[0].blob)
+                v2_chunks = list(publisher.sender.publish(2, lambda: state.items()))
+                for p in state.values():
+                    p.add_(0.5)
+                v3_chunks = list(publisher.sender.publish(3, lambda: state.items()))
+                bad = bytearray(v2_chunks[0].blob)
                 bad[len(bad) // 2] ^= 1
-                await send_message(pub, WeightUpdate(**{**chunks[0].__dict__, "blob": bad}), topic=BROADCAST_TOPIC)
-                await send_message(pub, chunks[0], topic=BROADCAST_TOPIC)
-                await send_message(pub, old_chunks[1], topic=BROADCAST_TOPIC)
-                for m in chunks[1:]:
+                corrupted = WeightUpdate(**{**v2_chunks[0].__dict__, "blob": bad})
+                for m in [corrupted, v2_chunks[0], v3_chunks[0], v2_chunks[1], *v3_chunks[1:]]:
                     await send_message(pub, m, topic=BROADCAST_TOPIC)
-                await _until(lambda: len(complete) == 2)
-        (t1, v1), (t2, v2) = complete
-        assert (v1.version, t1) == (1, b"w:@s0\x00") and (v2.version, t2) == (2, BROADCAST_TOPIC)
-        assert stats.errors == 2 and receiver.version == 2
+                await _until(lambda: len(complete) == 2)  # in-order delivery: everything before is handled
+        (t1, v1), (t3, v3) = complete
+        assert (v1.version, t1) == (1, b"w:@s0\x00") and (v3.version, t3) == (3, BROADCAST_TOPIC)
+        assert stats.errors == 2 and receiver.version == 3 and receiver.abandoned == 1
+        assert "interleaved with newer version 3" in stats.last_error
         from minirl_async.models.fp8 import quantize_block_fp8
 
         for name, w in state.items():
             if name.endswith("_proj.weight"):
                 q, s = quantize_block_fp8(w, 8)
-                assert torch.equal(v2.tensors[name].view(torch.uint8), q.view(torch.uint8))
-                assert torch.equal(v2.tensors[name + "_scale_inv"], s)
+                assert torch.equal(v3.tensors[name].view(torch.uint8), q.view(torch.uint8))
+                assert torch.equal(v3.tensors[name + "_scale_inv"], s)
             else:
-                assert torch.equal(v2.tensors[name], w)
+                assert torch.equal(v3.tensors[name], w)
     finally:
         ctx.destroy(linger=0)
 
