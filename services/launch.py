@@ -130,11 +130,14 @@ def supervise(cfg: Config, sup: Supervisor, specs: list[ServiceSpec], run_dir: P
         try:
             while not stop["signal"]:
                 progress.update()
-                for name, code in sup.poll():
-                    if name == "learner" and code == 0:
-                        progress.update()
-                        print("[run] learner finished", flush=True)
-                        return 0
+                exited = sup.poll()
+                if ("learner", 0) in exited:
+                    progress.update()
+                    print("[run] learner finished", flush=True)
+                    return 0
+                for name, code in exited:
+                    if code == 0:  # told to stop by the learner (done): not a crash, nothing to restart
+                        continue
                     crashed = code != EXIT_RESTART
                     print(f"[run] {name} exited with {code}; restarting", flush=True)
                     with open(run_dir / "events.log", "a") as ev:

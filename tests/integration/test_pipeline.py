@@ -113,3 +113,27 @@ def test_killing_each_service_loses_and_duplicates_nothing(tmp_path):
     # everything issued is trained or still accounted for (in flight / requeued / ready)
     assert last["pipeline/issued"] == (last["pipeline/trained"] + last["pipeline/in_flight"]
                                        + last["pipeline/requeued"] + last["pipeline/ready"])
+
+
+# bf16 autocast on CPU currently fails inside the model's grouped experts (index_add of bf16 into fp32);
+# fp32 compute exercises the same pipeline until that is fixed.
+COMPUTE = ["learner.compute_dtype=fp32"]
+
+
+def test_real_tiny_model_end_to_end(tmp_path):
+    """The real engine and trainer (random-init tiny model, no SFT): two steps, contract metrics, final
+    HF export, every trained sample within the staleness bound."""
+    from minirl_async.bench.overlap import _random_checkpoint
+
+    ckpt = _random_checkpoint(tmp_path / "init")
+    out = run_cli(tmp_path / "run", net_overrides() + [
+        f"run.sft_checkpoint={ckpt}", "run.progress=false", "run.eval_after=false", "learner.num_steps=2",
+        "learner.groups_per_step=4", "learner.minibatch_groups=2", "algo.group_size=4",
+        "sampler.max_batch_size=16", "sampler.max_new_tokens=16", *COMPUTE], timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
+        assert not [k for k in CONTRACT if k not in r]
+        assert r["staleness/version_lag_max"] <= 1 and r["pipeline/lost"] == 0
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
