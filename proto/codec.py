@@ -126,7 +126,10 @@ def _as_bytes_view(frame: Any) -> memoryview:
     except TypeError:
         raise ProtocolError(f"frame of type {type(frame).__name__} is not bytes-like") from None
     if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B") if mv.ndim else mv.cast("B", (mv.nbytes,))
+        try:
+            mv = mv.cast("B") if mv.ndim else mv.cast("B", (mv.nbytes,))
+        except TypeError:
+            raise ProtocolError("frame is not a contiguous buffer") from None
     return mv
 
 
@@ -136,7 +139,9 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Parse frames into a validated message, or raise ProtocolError saying what is wrong."""
-    if not isinstance(frames, Sequence) or len(frames) == 0:
+    if not isinstance(frames, Sequence):
+        raise ProtocolError(f"expected a list of frames, got {type(frames).__name__}")
+    if len(frames) == 0:
         raise ProtocolError("empty multipart message")
     bufs = [_as_bytes_view(f) for f in frames]
     total = sum(b.nbytes for b in bufs)

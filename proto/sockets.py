@@ -34,14 +34,16 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
 import zmq.asyncio
 import zmq.auth
 from minirl_async.proto.codec import decode, encode
 from minirl_async.proto.messages import Message, ProtocolError, WeightsRequest
-from minirl_async.proto.weights import StateFn, TensorSpec, WeightSender
+
+if TYPE_CHECKING:  # weights.py needs torch; graders use these sockets without it
+    from minirl_async.proto.weights import StateFn, TensorSpec, WeightSender
 
 BROADCAST_TOPIC = b"w:*\x00"
 
