@@ -57,7 +57,10 @@ def apply_fsdp(root: nn.Module, blocks: list[nn.Module], compute_dtype: torch.dt
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
+    # cast_forward_inputs=False: the inputs are token ids and a Routing object (FSDP would try to rebuild it);
+    # hidden states are produced inside, in the gathered parameters' dtype.
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None,
+                              cast_forward_inputs=False)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(root, mesh=mesh, mp_policy=mp)

@@ -37,7 +37,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +108,15 @@ class Trainer:
         self.model = model
         bf16 = lc.compute_dtype == "bf16" and model.lm_head.weight.dtype == torch.float32
         self.policy: nn.Module = PolicyLogprobs(model)
-        self.autocast = False
+        if bf16 and not dist.is_initialized():
+            # One process with bf16 compute: FSDP2 on a world-size-1 group (in-memory store, no port) gives
+            # bf16 compute over fp32 master weights through the same code path as several ranks.
+            # (torch.autocast is not an option: the MoE block mixes its dtypes under autocast.)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
         if dist.is_available() and dist.is_initialized():
             apply_fsdp(self.policy, list(model.model.layers), torch.bfloat16 if bf16 else None,
                        self.device.type)
-        else:
-            self.autocast = bf16   # one process: autocast gives the same bf16 matmuls with fp32 master weights
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
         total = lc.num_steps * cfg.num_minibatches
@@ -143,13 +145,9 @@ class Trainer:
         return cls(cfg, model)
 
     # ---- forward helpers ------------------------------------------------------------------------------
-    def _ctx(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
-
     def _logprobs(self, b: Batch, routing: Routing | None,
                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with self._ctx():
-            return self.policy(b.input_ids_BT, b.targets_BT, routing, self.temperature, self.chunk, with_entropy)
+        return self.policy(b.input_ids_BT, b.targets_BT, routing, self.temperature, self.chunk, with_entropy)
 
     def _batches(self, groups: Sequence[Group]) -> list[Batch]:
         m = self.mcfg
