@@ -3,7 +3,9 @@
 Sender (learner rank 0): `WeightSender.publish(version, state_fn)` first PLANS the chunks from names,
 shapes and dtypes only (so every chunk can say "i of n"), then walks `state_fn()` again tensor by tensor,
 quantising linear weights to block-FP8 when asked, and serialises one bucket at a time: the sender holds
-at most one chunk beyond the live weights, never a second full copy.
+at most one chunk beyond the live weights, never a second full copy. A tensor larger than a chunk (an
+embedding, lm_head) is sent as row pieces `name[begin:end]` listed in the chunk's safetensors metadata
+(`SPLIT_KEY`), so chunks, zmq frames and the receiver's buffers stay bounded by `chunk_bytes`.
 
 Late joiners: `WeightSender.resend()` streams the last published version again. Two ways, chosen by
 `keep_blobs`:
@@ -26,6 +28,7 @@ the tensor set is complete (and equals `expected_names` if given). The tensors v
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +45,7 @@ from minirl_async.proto.stblob import (
 
 StateFn = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 SCALE_SUFFIX = "_scale_inv"  # same as minirl_async.models.fp8.SCALE_SUFFIX (HF FP8 checkpoint naming)
+SPLIT_KEY = "minirl.split"  # chunk metadata: {piece name: [tensor name, row begin, row end, total rows]}
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,31 @@ class WeightSet:
     fp8_block: int
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """One tensor of a chunk: a whole wire tensor, or rows [begin, end) of one larger than a chunk."""
+
+    source: int  # index of the source tensor in state_fn order
+    wire: TensorSpec
+    rows: tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.wire.name if self.rows is None else f"{self.wire.name}[{self.rows[0]}:{self.rows[1]}]"
+
+    @property
+    def nbytes(self) -> int:
+        if self.rows is None:
+            return self.wire.nbytes
+        return self.wire.nbytes // self.wire.shape[0] * (self.rows[1] - self.rows[0])
+
+
 @dataclass
 class _Plan:
     version: int
-    buckets: list[list[TensorSpec]]  # source tensors of each chunk, in state_fn order
-    num_tensors: int  # tensors on the wire (a quantised weight counts twice: weight + scale)
+    sources: list[TensorSpec]  # the state's tensors, in state_fn order
+    buckets: list[list[_Piece]]  # what each chunk holds
+    num_tensors: int  # whole tensors on the wire (a quantised weight counts twice: weight + scale)
     checksums: list[int] = field(default_factory=list)
     blobs: list[memoryview] = field(default_factory=list)
 
@@ -129,25 +153,35 @@ class WeightSender:
             return [TensorSpec(s.name, s.shape, self.dtype)]
         return [s]
 
+    def _pieces(self, index: int, wire: TensorSpec) -> list[_Piece]:
+        """A tensor larger than a chunk is split into row ranges so no chunk (and no zmq frame) is much
+        larger than `chunk_bytes`; the receiver reassembles it."""
+        rows = wire.shape[0] if wire.shape else 0
+        if wire.nbytes <= self.chunk_bytes or rows < 2:
+            return [_Piece(index, wire)]
+        step = max(1, self.chunk_bytes // (wire.nbytes // rows))
+        return [_Piece(index, wire, (r, min(r + step, rows))) for r in range(0, rows, step)]
+
     def plan(self, version: int, specs: Iterable[TensorSpec]) -> _Plan:
-        """Greedy buckets of about `chunk_bytes` (wire bytes); a tensor larger than that travels alone."""
-        buckets: list[list[TensorSpec]] = [[]]
+        """Greedy buckets of at most `chunk_bytes` wire bytes (or one row, if a row is larger)."""
+        sources = list(specs)
+        buckets: list[list[_Piece]] = [[]]
         size, num_tensors, names = 0, 0, set()
-        for s in specs:
+        for index, s in enumerate(sources):
             if s.name in names:
                 raise ValueError(f"tensor {s.name} appears twice in the state")
             names.add(s.name)
-            wire = self._wire_specs(s)
-            nbytes = sum(w.nbytes for w in wire)
-            num_tensors += len(wire)
-            if buckets[-1] and size + nbytes > self.chunk_bytes:
-                buckets.append([])
-                size = 0
-            buckets[-1].append(s)
-            size += nbytes
+            for wire in self._wire_specs(s):
+                num_tensors += 1
+                for piece in self._pieces(index, wire):
+                    if buckets[-1] and size + piece.nbytes > self.chunk_bytes:
+                        buckets.append([])
+                        size = 0
+                    buckets[-1].append(piece)
+                    size += piece.nbytes
         if num_tensors == 0:
             raise ValueError("cannot publish an empty state")
-        return _Plan(version, buckets, num_tensors)
+        return _Plan(version, sources, buckets, num_tensors)
 
     # ------------------------------------------------------------ streaming
     def publish(self, version: int, state_fn: StateFn, specs: Iterable[TensorSpec] | None = None
@@ -191,18 +225,30 @@ class WeightSender:
 
     def _serialise(self, plan: _Plan, state_fn: StateFn) -> Iterator[tuple[WeightUpdate, memoryview]]:
         it = iter(state_fn())
+        current, wire_tensors = -1, {}  # the source tensor being sent (its pieces may span chunks)
         for index, bucket in enumerate(plan.buckets):
             tensors: list[tuple[str, torch.Tensor]] = []
-            for spec in bucket:
-                item = next(it, None)
-                if item is None:
-                    raise ValueError(f"state ended before {spec.name}; state_fn must yield the planned tensors")
-                name, t = item
-                if name != spec.name or tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-                    raise ValueError(f"state yielded {name} {tuple(t.shape)} {t.dtype} where the plan has "
-                                     f"{spec.name} {spec.shape} {spec.dtype}; state_fn must be deterministic")
-                tensors.extend(self._wire_tensors(spec, t))
+            splits: dict[str, list] = {}
+            for piece in bucket:
+                while current < piece.source:
+                    current += 1
+                    spec = plan.sources[current]
+                    item = next(it, None)
+                    if item is None:
+                        raise ValueError(f"state ended before {spec.name}; state_fn must yield the planned tensors")
+                    name, t = item
+                    if name != spec.name or tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+                        raise ValueError(f"state yielded {name} {tuple(t.shape)} {t.dtype} where the plan has "
+                                         f"{spec.name} {spec.shape} {spec.dtype}; state_fn must be deterministic")
+                    wire_tensors = dict(self._wire_tensors(spec, t))
+                t = wire_tensors[piece.wire.name]
+                if piece.rows is not None:
+                    t = t[piece.rows[0]:piece.rows[1]]
+                    splits[piece.name] = [piece.wire.name, piece.rows[0], piece.rows[1], piece.wire.shape[0]]
+                tensors.append((piece.name, t))
             meta = {"version": str(plan.version), "chunk": f"{index}/{len(plan.buckets)}"}
+            if splits:
+                meta[SPLIT_KEY] = json.dumps(splits)
             blob = write_blob(tensors, meta, self._pool)
             yield self._message(plan, index, blob, checksum(blob, self.checksum_algo)), blob
         if next(it, None) is not None:
@@ -228,7 +274,8 @@ class WeightReceiver:
         self.version = version  # last complete version handed over (-1: none)
         self.abandoned = 0  # versions given up because a newer one started
         self._pending: WeightUpdate | None = None  # first chunk seen of the version being assembled
-        self._chunks: dict[int, dict[str, torch.Tensor]] = {}
+        self._chunks: dict[int, dict[str, torch.Tensor]] = {}  # whole tensors of each chunk
+        self._parts: dict[str, list[tuple[int, int, int, torch.Tensor]]] = {}  # row pieces of split tensors
 
     @property
     def pending_version(self) -> int | None:
@@ -252,7 +299,7 @@ class WeightReceiver:
             self.abandoned += 1
             p = None
         if p is None:
-            self._pending, self._chunks, p = msg, {}, msg
+            self._pending, self._chunks, self._parts, p = msg, {}, {}, msg
         if (msg.num_chunks, msg.num_tensors, msg.fp8, msg.fp8_block) != (
                 p.num_chunks, p.num_tensors, p.fp8, p.fp8_block):
             raise ProtocolError(f"{where}: num_chunks/num_tensors/fp8 disagree with the version's first chunk")
@@ -262,20 +309,70 @@ class WeightReceiver:
         if got != msg.checksum:
             raise ProtocolError(f"{where}: {msg.checksum_algo} checksum mismatch (computed {got:#x}, "
                                 f"sent {msg.checksum:#x}); chunk dropped")
-        tensors, _ = read_blob(msg.blob)
+        tensors, meta = read_blob(msg.blob)
+        pieces = self._split_pieces(tensors, meta, where)
         for name in tensors:
             if any(name in c for c in self._chunks.values()):
                 raise ProtocolError(f"{where}: tensor {name} already arrived in another chunk")
+        for name, begin, end, total, piece in pieces:  # checked first, stored only when the whole chunk is good
+            del tensors[f"{name}[{begin}:{end}]"]
+            self._parts.setdefault(name, []).append((begin, end, total, piece))
         self._chunks[msg.chunk_index] = tensors
         if len(self._chunks) < p.num_chunks:
             return None
         return self._complete(p, where)
 
+    @staticmethod
+    def _split_pieces(tensors: dict[str, torch.Tensor], meta: dict[str, str], where: str) -> list[tuple]:
+        """(name, begin, end, total_rows, tensor) of each row piece the chunk's metadata declares."""
+        if SPLIT_KEY not in meta:
+            return []
+        try:
+            splits = json.loads(meta[SPLIT_KEY])
+        except ValueError:
+            raise ProtocolError(f"{where}: split metadata is not JSON") from None
+        if not isinstance(splits, dict):
+            raise ProtocolError(f"{where}: split metadata must be a JSON object")
+        out = []
+        for piece_name, spec in splits.items():
+            if not (isinstance(spec, list) and len(spec) == 4 and isinstance(spec[0], str)
+                    and all(type(x) is int for x in spec[1:])):
+                raise ProtocolError(f"{where}: split entry {piece_name!r:.100} must be [name, begin, end, rows]")
+            name, begin, end, total = spec
+            t = tensors.get(piece_name)
+            if piece_name != f"{name}[{begin}:{end}]" or t is None:
+                raise ProtocolError(f"{where}: split entry {piece_name!r:.100} does not name a tensor of the chunk")
+            if not (0 <= begin < end <= total) or t.dim() == 0 or t.shape[0] != end - begin:
+                raise ProtocolError(f"{where}: piece {piece_name!r:.100} has {t.shape[0] if t.dim() else 0} rows "
+                                    f"for range [{begin}, {end}) of {total}")
+            out.append((name, begin, end, total, t))
+        return out
+
+    @staticmethod
+    def _join(name: str, parts: list[tuple[int, int, int, torch.Tensor]], where: str) -> torch.Tensor:
+        parts = sorted(parts, key=lambda x: x[0])
+        total, first = parts[0][2], parts[0][3]
+        pos = 0
+        for begin, end, rows, t in parts:
+            if begin != pos or rows != total or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]:
+                raise ProtocolError(f"{where}: the row pieces of {name} overlap, leave a gap or disagree")
+            pos = end
+        if pos != total:
+            raise ProtocolError(f"{where}: the row pieces of {name} cover {pos} of {total} rows")
+        out = torch.empty((total, *first.shape[1:]), dtype=first.dtype)
+        for begin, end, _, t in parts:
+            out[begin:end].copy_(t)
+        return out
+
     def _complete(self, p: WeightUpdate, where: str) -> WeightSet:
         merged: dict[str, torch.Tensor] = {}
         for i in range(p.num_chunks):
             merged.update(self._chunks[i])
-        self._pending, self._chunks = None, {}
+        parts, self._pending, self._chunks, self._parts = self._parts, None, {}, {}
+        for name, pieces in parts.items():
+            if name in merged:
+                raise ProtocolError(f"{where}: {name} arrived both whole and in row pieces")
+            merged[name] = self._join(name, pieces, where)
         if len(merged) != p.num_tensors:
             raise ProtocolError(f"{where}: {len(merged)} tensors arrived, the sender announced {p.num_tensors}")
         if self.expected_names is not None and set(merged) != self.expected_names:

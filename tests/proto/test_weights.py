@@ -50,11 +50,55 @@ def test_plain_state_round_trips_bit_exactly(algo):
     assert all(_identical(out.tensors[k], v) for k, v in state.items())
 
 
-def test_buckets_respect_chunk_size_unless_a_tensor_is_larger():
-    specs = [TensorSpec(f"t{i}", (100,), torch.float32) for i in range(10)] + [TensorSpec("big", (1000,), torch.float32)]
+def test_buckets_respect_chunk_size_and_split_larger_tensors():
+    specs = [TensorSpec(f"t{i}", (100,), torch.float32) for i in range(5)] + [TensorSpec("big", (1000,), torch.float32)]
     plan = WeightSender(chunk_bytes=1000).plan(0, specs)
-    sizes = [sum(s.nbytes for s in b) for b in plan.buckets]
-    assert sizes == [800] * 5 + [4000] and plan.num_tensors == 11  # 400-byte tensors, two per chunk
+    sizes = [sum(p.nbytes for p in b) for b in plan.buckets]
+    assert sizes == [800, 800, 400, 1000, 1000, 1000, 1000]  # 400-byte tensors two per chunk; big in 4 row pieces
+    assert plan.num_tensors == 6 and [p.rows for p in plan.buckets[-1]] == [(750, 1000)]
+
+
+def test_tensors_larger_than_a_chunk_travel_in_row_pieces():
+    g = torch.Generator().manual_seed(9)
+    state = {"model.embed_tokens.weight": torch.randn(103, 16, generator=g).to(torch.bfloat16),  # 3296 bytes
+             "model.layers.0.self_attn.o_proj.weight": torch.randn(70, 40, generator=g).to(torch.bfloat16),
+             "model.norm.weight": torch.randn(16, generator=g)}
+    sender = WeightSender(chunk_bytes=700, fp8_block=16)
+    msgs = list(sender.publish(1, lambda: state.items()))
+    assert all(m.blob.nbytes < 700 + 600 for m in msgs)  # payload <= chunk_bytes, plus the JSON header
+    assert msgs[0].num_tensors == 4
+    out = _run(msgs[::-1], WeightReceiver())
+    assert _identical(out.tensors["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
+    q, sc = quantize_block_fp8(state["model.layers.0.self_attn.o_proj.weight"], 16)
+    assert _identical(out.tensors["model.layers.0.self_attn.o_proj.weight"], q)
+    assert _identical(out.tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"], sc)
+    assert set(out.tensors) == {*state, "model.layers.0.self_attn.o_proj.weight_scale_inv"}
+    assert list(sender.resend())[-1].checksum == msgs[-1].checksum
+
+
+def _split_chunk(pieces, splits):
+    import json
+
+    from minirl_async.proto.messages import WeightUpdate
+    from minirl_async.proto.stblob import checksum
+    from minirl_async.proto.weights import SPLIT_KEY
+
+    blob = write_blob(pieces, {SPLIT_KEY: json.dumps(splits)})
+    return WeightUpdate(version=1, chunk_index=0, num_chunks=1, num_tensors=1, blob=blob,
+                        checksum=checksum(blob, "crc32"), checksum_algo="crc32")
+
+
+def test_row_pieces_with_a_gap_are_refused():
+    msg = _split_chunk([("w[0:2]", torch.ones(2, 3)), ("w[3:5]", torch.ones(2, 3))],
+                       {"w[0:2]": ["w", 0, 2, 5], "w[3:5]": ["w", 3, 5, 5]})
+    with pytest.raises(ProtocolError, match="row pieces of w overlap, leave a gap"):
+        WeightReceiver().feed(msg)
+
+
+def test_row_piece_metadata_must_match_the_tensor():
+    msg = _split_chunk([("w[0:2]", torch.ones(3, 3))], {"w[0:2]": ["w", 0, 2, 3]})
+    with pytest.raises(ProtocolError, match="has 3 rows for range"):
+        WeightReceiver().feed(msg)
 
 
 def test_order_of_arrival_does_not_matter():
