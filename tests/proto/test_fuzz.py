@@ -12,7 +12,7 @@ from minirl_async.proto.codec import decode, encode
 from minirl_async.proto.messages import MESSAGE_TYPES, PROTO_VERSION, ProtocolError
 from minirl_async.proto.stblob import read_blob, write_blob
 
-FUZZ = settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_like = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
@@ -123,3 +123,25 @@ def test_mutated_safetensors_blobs(flips, length):
     for t in tensors.values():
         assert t.numel() * t.element_size() <= len(blob)
         np.asarray(t.float().sum())  # readable without faults
+
+
+@settings(max_examples=300, deadline=None)
+@given(splits=st.dictionaries(st.sampled_from(["w[0:2]", "w[2:4]", "v", "x[0:1]"]),
+                              st.lists(st.integers(-2, 6) | st.sampled_from(["w", "v", "x"]), max_size=5), max_size=3),
+       raw=st.booleans(), text=st.text(max_size=20))
+def test_weight_chunks_with_random_split_metadata(splits, raw, text):
+    import json
+
+    from minirl_async.proto.messages import WeightUpdate
+    from minirl_async.proto.stblob import checksum
+    from minirl_async.proto.weights import SPLIT_KEY, WeightReceiver
+
+    blob = write_blob([("w[0:2]", torch.ones(2, 3)), ("w[2:4]", torch.zeros(2, 3)), ("v", torch.ones(1))],
+                      {SPLIT_KEY: text if raw else json.dumps(splits)})
+    msg = WeightUpdate(version=1, chunk_index=0, num_chunks=1, num_tensors=2, blob=blob,
+                       checksum=checksum(blob, "crc32"), checksum_algo="crc32")
+    try:
+        out = WeightReceiver().feed(msg)
+    except ProtocolError:
+        return
+    assert out is not None and set(out.tensors) <= {"w", "v", "w[0:2]", "w[2:4]"}
