@@ -51,7 +51,11 @@ def as_torch(a: np.ndarray) -> Any:
 
 def _to_array(x: Any, dtypes: tuple[str, ...]) -> np.ndarray:
     if type(x).__module__.startswith("torch"):
-        x = x.detach().cpu().numpy()  # zero-copy for CPU tensors
+        x = x.detach().cpu()
+        try:
+            x = x.numpy()  # zero-copy for CPU tensors
+        except TypeError:  # bfloat16 / float8 have no numpy dtype
+            x = x.float().numpy()
     a = np.asarray(x)
     if a.dtype.name not in dtypes:
         a = a.astype(dtypes[0])

@@ -14,7 +14,8 @@ Late joiners: `WeightSender.resend()` streams the last published version again. 
   before the next optimizer update). Each re-serialised chunk's checksum is compared with the published
   one, so a state that has moved on raises instead of sending different weights under an old number.
 - `keep_blobs=True`: keep the published chunks (one extra serialised copy of the weights, in the
-  sampler's precision: ~1 byte/param with FP8) and resend them at any time, even mid-step.
+  sampler's precision: ~1 byte/param with FP8; two while the next version is being published) and resend
+  them at any time, even mid-step.
 
 Receiver (sampler): `WeightReceiver.feed(msg)` verifies each chunk's checksum and blob as it arrives (the
 next chunk is received meanwhile by zmq's I/O thread), refuses chunks of versions older than the one it

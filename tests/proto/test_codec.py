@@ -76,6 +76,9 @@ def test_constructors_accept_lists_and_torch_tensors():
                  versions=torch.tensor([0, 0, 1], dtype=torch.int64), routes=None, finish_reason="length")
     assert r.response_ids.dtype == np.int32 and r.logprobs.dtype == np.float32 and r.versions.dtype == np.int32
     assert r.logprobs.tolist() == [-0.5, -1.0, -2.0]
+    r2 = Response(response_ids=[1], logprobs=torch.tensor([-0.5], dtype=torch.bfloat16), versions=[0],
+                  finish_reason="stop")
+    assert r2.logprobs.dtype == np.float32 and r2.logprobs.tolist() == [-0.5]
 
 
 def test_scored_group_keeps_rollout_fields(rollout_factory):
