@@ -50,6 +50,7 @@ from minirl_async.engine.base import (
     WeightUpdateError,
     aborted,
 )
+from minirl_async.engine.fast_decode import PackedLayer, decode_step, pack_params
 from minirl_async.engine.kv_cache import SlotKVCache
 from minirl_async.engine.sampling import sample_tokens
 from minirl_async.engine.weights import prepare_update
@@ -84,7 +85,7 @@ class TorchFP8Engine:
     def __init__(self, model_cfg: ModelConfig, *, fp8: bool = True, fp8_block: int = 128,
                  dtype: torch.dtype = torch.bfloat16, device: str = "cpu", max_batch_size: int = 64,
                  max_context: int | None = None, capture_routes: bool = True, interruptible: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, packed_decode: bool = True):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.cfg = model_cfg
@@ -95,6 +96,8 @@ class TorchFP8Engine:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
         self.capture_routes = capture_routes and model_cfg.num_moe_layers > 0
         self.interruptible = interruptible
+        self.packed_decode = packed_decode  # fast_decode.py; False: decode through the model's own forward
+        self._packed: list[PackedLayer] = []
         self._seed_rng = random.Random(seed)  # seeds of unseeded requests
         self.model = Qwen3MoeForCausalLM(model_cfg).to(device=self.device, dtype=dtype).eval()
         self.model.requires_grad_(False)
@@ -147,6 +150,7 @@ class TorchFP8Engine:
         except WeightUpdateError:
             self._stats["refused_updates"] += 1
             raise
+        packed, new = pack_params(self.cfg, new)   # model parameters become views into the packed weights
         params = dict(self.model.named_parameters())
         assert set(params) == set(new), sorted(set(params) ^ set(new))[:5]
         with self._cv:
@@ -160,6 +164,7 @@ class TorchFP8Engine:
                                             f"current {self._version}")
                 for name, p in params.items():
                     p.data = new[name]
+                self._packed = packed
                 self._version = version
                 self._stats["updates"] += 1
             finally:
@@ -296,15 +301,22 @@ class TorchFP8Engine:
     def _decode(self, active: list[_Seq], out: list[list[Rollout | None]]) -> None:
         n = len(active)
         pos_B = self._pos[:n]
-        S = int(pos_B.max()) + 1
-        mask_B11S = (self._arange_C[:S][None, :] <= pos_B[:, None])[:, None, None, :]
-        self.cache.bind(slice(0, n), pos_B, 1, S)
-        routing = Routing("record") if self.capture_routes else None
-        logits_BV = self.model(self._last[:n, None], pos_B[:, None], routing=routing, kv_cache=self.cache,
-                               attn_mask=mask_B11S)[:, -1]
+        routes_BLK: torch.Tensor | None
+        if self.packed_decode:
+            logits_BV, routes_BLK = decode_step(self.model, self._packed, self.cache.k, self.cache.v,
+                                                self._last[:n], pos_B, self.capture_routes)
+        else:
+            S = int(pos_B.max()) + 1
+            mask_B11S = (self._arange_C[:S][None, :] <= pos_B[:, None])[:, None, None, :]
+            self.cache.bind(slice(0, n), pos_B, 1, S)
+            routing = Routing("record") if self.capture_routes else None
+            logits_BV = self.model(self._last[:n, None], pos_B[:, None], routing=routing, kv_cache=self.cache,
+                                   attn_mask=mask_B11S)[:, -1]
+            rec = routing.recorded_BTLK if routing is not None else None
+            routes_BLK = rec[:, 0] if rec is not None else None
         if self._routes is not None:
-            assert routing is not None and routing.recorded_BTLK is not None
-            self._routes[torch.arange(n), pos_B.cpu()] = routing.recorded_BTLK[:, 0].cpu()
+            assert routes_BLK is not None
+            self._routes[torch.arange(n), pos_B.cpu()] = routes_BLK.to(self._routes.dtype).cpu()
         self._sample_and_finish(active, slice(0, n), logits_BV, out, advance=True)
 
     def _sample_and_finish(self, active: list[_Seq], rows: slice, logits_BV: torch.Tensor,

@@ -1,0 +1,111 @@
+"""Bench: the embedded torch_fp8 engine vs Hugging Face `generate()` on the same tiny Qwen3-MoE weights.
+
+    minirl-async bench sampler [--quick] --json
+
+One run, one thread (`torch.set_num_threads(1)`), same random weights (saved with `save_hf`, loaded by
+`transformers.AutoModelForCausalLM.from_pretrained` in bf16), same prompts, batch size and number of new
+tokens (HF: `min_new_tokens = max_new_tokens`, no EOS; ours: no stop tokens, so every sequence runs to
+`max_new_tokens`), both sampling at temperature 1 with no truncation. Ours runs block-FP8 weights with bf16
+compute and routed-expert capture on (the production setting). Figures (best of `repeats` timed runs
+after a warm-up):
+- `ours_tok_s`, `hf_tok_s`, `ratio` = ours / HF (new tokens per second, prefill included);
+- `ours_nocapture_tok_s`, `capture_overhead` = 1 - with/without capture (fraction of throughput lost);
+- `decode_step_ms` (our mean time per decode step) and `dequant_per_step_ms` (one dequantisation of every
+  FP8 weight: what dequantising per matmul would add to each step, the reason weights are cached).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+
+def _model_cfg(vocab: int) -> Any:
+    from minirl_async.config import ModelArch
+    from minirl_async.models.config import ModelConfig
+
+    return ModelConfig.from_arch(ModelArch(), vocab_size=vocab)  # the tiny default architecture
+
+
+def _best(fn: Any, repeats: int) -> float:
+    fn()  # warm-up (allocator, oneDNN primitive caches)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(quick: bool) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from minirl_async.engine.base import GenerateRequest, SamplingParams
+    from minirl_async.engine.torch_fp8 import TorchFP8Engine
+    from minirl_async.models.fp8 import dequantize_block_fp8, quantize_state
+    from minirl_async.models.hf_io import iter_hf_state, save_hf
+    from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    batch, prompt_len, new_tokens, repeats = (8, 16, 24, 2) if quick else (16, 32, 96, 3)
+    vocab, block = 256, 32
+    torch.manual_seed(0)
+    mcfg = _model_cfg(vocab)
+    model = Qwen3MoeForCausalLM(mcfg)
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, vocab, (batch, prompt_len), generator=gen)
+
+    def engine(capture: bool) -> TorchFP8Engine:
+        eng = TorchFP8Engine(mcfg, fp8=True, fp8_block=block, dtype=torch.bfloat16, max_batch_size=batch,
+                             max_context=prompt_len + new_tokens + 1, capture_routes=capture)
+        eng.update_weights(0, iter_hf_state(model))
+        return eng
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
+    reqs = [GenerateRequest(p.tolist(), params) for p in prompts]
+    ours, ours_nc = engine(True), engine(False)
+
+    def run_ours(eng: TorchFP8Engine) -> None:
+        out = eng.generate(reqs)
+        assert all(r[0].num_tokens == new_tokens for r in out)
+
+    t_ours = _best(lambda: run_ours(ours), repeats)
+    t_nc = _best(lambda: run_ours(ours_nc), repeats)
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf(model, mcfg, folder)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids = prompts
+    mask = torch.ones_like(ids)
+
+    def run_hf() -> None:
+        with torch.inference_mode():
+            out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              eos_token_id=None, pad_token_id=0)
+        assert out.shape == (batch, prompt_len + new_tokens)
+
+    t_hf = _best(run_hf, repeats)
+
+    fp8_state = dict(quantize_state(iter_hf_state(model), block))
+    pairs = [(fp8_state[n], fp8_state[n + "_scale_inv"]) for n in fp8_state if n + "_scale_inv" in fp8_state]
+
+    def dequant_all() -> None:
+        for q, s in pairs:
+            dequantize_block_fp8(q, s, block, torch.bfloat16)
+
+    t_deq = _best(dequant_all, repeats)
+    n_tok = batch * new_tokens
+    ours_tok_s, nc_tok_s, hf_tok_s = n_tok / t_ours, n_tok / t_nc, n_tok / t_hf
+    return {
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "ours_tok_s": round(ours_tok_s, 1), "hf_tok_s": round(hf_tok_s, 1), "ratio": round(ours_tok_s / hf_tok_s, 2),
+        "ours_nocapture_tok_s": round(nc_tok_s, 1),
+        "capture_overhead": round(1 - ours_tok_s / nc_tok_s, 4),
+        "decode_step_ms": round(t_ours / new_tokens * 1e3, 3),
+        "dequant_per_step_ms": round(t_deq * 1e3, 3),
+    }

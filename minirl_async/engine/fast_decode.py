@@ -1,0 +1,129 @@
+"""The engine's one-token decode step over packed weights: few, larger matmuls instead of many small ones.
+
+Why: on CPU a small bf16 matmul costs a fixed ~40 us whatever its size (oneDNN set-up), so a decode step of
+the plain model (q, k, v, o, router, and two matmuls per routed expert: ~21 per layer) is dominated by call
+count, not flops. Packed, a layer takes 4 calls: one `[q; k; v]` projection, `o`, one matmul for the router
+AND every expert's gate/up projection, and one for every expert's down projection. The expert matmuls run
+densely over all E experts with the non-routed ones zero-weighted, which spends E/K times the expert flops
+but far fewer calls; it is used for decode (few tokens per step), while prefill runs the model's own
+sparse forward (`Qwen3MoeForCausalLM.forward_hidden`), which writes the same cache.
+
+Packing costs no memory: `pack_params` builds the packed tensors and returns the model's parameters as
+VIEWS into them (the model object stays the single source of truth for prefill and for tests).
+
+Numerics follow the model exactly (same norms, rotary, router softmax in float32, top-k, gate
+renormalisation); only summation order differs (the dense expert sum, the routing weight applied before the
+down projection), i.e. rounding-level differences, and equality in float64 is tested, routes included.
+
+Legend: B rows, D hidden, H query heads, G kv heads, r = H/G, d head dim, S key positions, E experts,
+F expert width, K top-k, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minirl_async.models.config import ModelConfig
+from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM, rotary_cos_sin
+from minirl_async.models.routing import replay_gates, router_probs
+
+
+@dataclass
+class PackedLayer:
+    qkv: torch.Tensor                   # [(H + 2G) d, D]
+    o: torch.Tensor                     # [D, H d]
+    moe_in: torch.Tensor | None         # [E 2F + E, D]: every expert's gate/up rows, then the router
+    down: torch.Tensor | None           # [D, E F]: every expert's down projection side by side
+
+
+def pack_params(cfg: ModelConfig, params: dict[str, torch.Tensor]) -> tuple[list[PackedLayer], dict[str, torch.Tensor]]:
+    """Packed per-layer weights and the model parameters re-expressed as views into them."""
+    E, Fe, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    out = dict(params)
+    layers: list[PackedLayer] = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+        qkv = torch.cat([params[n] for n in names])
+        off = 0
+        for n in names:
+            rows = params[n].shape[0]
+            out[n] = qkv[off: off + rows]
+            off += rows
+        moe_in = down = None
+        if cfg.is_moe_layer(i):
+            gu, dn, gate = (params[p + "mlp.experts.gate_up_proj"], params[p + "mlp.experts.down_proj"],
+                            params[p + "mlp.gate.weight"])
+            moe_in = torch.cat([gu.reshape(E * 2 * Fe, D), gate])
+            out[p + "mlp.experts.gate_up_proj"] = moe_in[: E * 2 * Fe].view(E, 2 * Fe, D)
+            out[p + "mlp.gate.weight"] = moe_in[E * 2 * Fe:]
+            down = dn.permute(1, 0, 2).reshape(D, E * Fe).contiguous()          # [D, E F]
+            out[p + "mlp.experts.down_proj"] = down.view(D, E, Fe).permute(1, 0, 2)   # [E, D, F] view
+        layers.append(PackedLayer(qkv, params[p + "self_attn.o_proj.weight"], moe_in, down))
+    return layers, out
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (normalise in float32, or float64 for float64, cast back, then scale) as one fused
+    op; bit-identical to `qwen3_moe.RMSNorm` (tested), fewer dispatches."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return weight * F.rms_norm(x.to(cdt), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _rope(x_BHd: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHd.chunk(2, dim=-1)
+    return x_BHd * cos_Bd[:, None] + torch.cat((-x2, x1), dim=-1) * sin_Bd[:, None]
+
+
+@torch.inference_mode()
+def decode_step(model: Qwen3MoeForCausalLM, packed: list[PackedLayer], cache_k: torch.Tensor,
+                cache_v: torch.Tensor, ids_B: torch.Tensor, pos_B: torch.Tensor, record: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Feed one token per row (rows 0..B-1 of the cache, token at `pos_B`), return logits `[B, V]` and, if
+    `record`, the routed experts `[B, L_moe, K]` (int64). The new keys/values are written into the cache."""
+    cfg = model.config
+    B = ids_B.shape[0]
+    H, G, d, E, K, Fe = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_experts,
+                         cfg.num_experts_per_tok, cfg.moe_intermediate_size)
+    r, eps = H // G, cfg.rms_norm_eps
+    S = int(pos_B.max()) + 1
+    rows_B = torch.arange(B, device=ids_B.device)
+    mask_B11S = (torch.arange(S, device=ids_B.device)[None, :] <= pos_B[:, None])[:, None, None, :]
+    x_BD = model.model.embed_tokens(ids_B)
+    cos_Bd, sin_Bd = rotary_cos_sin(pos_B[:, None], d, cfg.rope_theta, x_BD.dtype)
+    cos_Bd, sin_Bd = cos_Bd[:, 0], sin_Bd[:, 0]
+    routes: list[torch.Tensor] = []
+    for li, (layer, pk) in enumerate(zip(model.model.layers, packed)):
+        attn = layer.self_attn
+        qkv_BX = F.linear(_norm(x_BD, layer.input_layernorm.weight, eps), pk.qkv)
+        q_BHd = _norm(qkv_BX[:, : H * d].view(B, H, d), attn.q_norm.weight, eps)
+        k_BGd = _norm(qkv_BX[:, H * d: (H + G) * d].view(B, G, d), attn.k_norm.weight, eps)
+        v_BGd = qkv_BX[:, (H + G) * d:].view(B, G, d)
+        q_BHd, k_BGd = _rope(q_BHd, cos_Bd, sin_Bd), _rope(k_BGd, cos_Bd, sin_Bd)
+        ck, cv = cache_k[li], cache_v[li]
+        ck[rows_B, :, pos_B] = k_BGd
+        cv[rows_B, :, pos_B] = v_BGd
+        # Grouped-query attention without repeating k/v: query head h = g*r + j uses kv head g.
+        o_BGrd = F.scaled_dot_product_attention(q_BHd.view(B, G, r, d), ck[:B, :, :S], cv[:B, :, :S],
+                                                attn_mask=mask_B11S)
+        x_BD = x_BD + F.linear(o_BGrd.reshape(B, H * d), pk.o)
+        h_BD = _norm(x_BD, layer.post_attention_layernorm.weight, eps)
+        if pk.moe_in is None:
+            x_BD = x_BD + layer.mlp(h_BD)
+            continue
+        assert pk.down is not None
+        z_BX = F.linear(h_BD, pk.moe_in)
+        probs_BE = router_probs(z_BX[:, E * 2 * Fe:])
+        idx_BK = torch.topk(probs_BE, K, dim=-1).indices
+        w_BK = replay_gates(probs_BE, idx_BK, cfg.norm_topk_prob).to(x_BD.dtype)
+        gate_BEF, up_BEF = z_BX[:, : E * 2 * Fe].view(B, E, 2 * Fe).split(Fe, dim=-1)
+        coef_BE = torch.zeros(B, E, dtype=x_BD.dtype, device=x_BD.device).scatter_(1, idx_BK, w_BK)
+        act_BEF = F.silu(gate_BEF) * up_BEF * coef_BE[:, :, None]
+        x_BD = x_BD + F.linear(act_BEF.reshape(B, E * Fe), pk.down)
+        if record:
+            routes.append(idx_BK)
+    logits_BV = F.linear(_norm(x_BD, model.model.norm.weight, eps), model.lm_head.weight)
+    return logits_BV, (torch.stack(routes, dim=1) if record and routes else None)

@@ -1,0 +1,306 @@
+"""The embedded engine against plain references, in float64 with FP8 off unless the test is about FP8.
+
+Reference decode = full recompute: the model's own forward over prompt + tokens so far, no cache, one token
+at a time. Routes reference = one RECORD forward of the model over prompt + response[:-1].
+
+    pytest tests/engine/test_torch_fp8.py -q
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from minirl_async.config import Config
+from minirl_async.engine.base import GenerateRequest, SamplingParams, WeightUpdateError, make_engine
+from minirl_async.engine.torch_fp8 import TorchFP8Engine
+from minirl_async.models.config import ModelConfig
+from minirl_async.models.fp8 import quantize_state
+from minirl_async.models.hf_io import iter_hf_state
+from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM
+from minirl_async.models.routing import Routing
+
+# B batch, T tokens, V vocab, L MoE layers, K top-k
+
+
+def tiny() -> ModelConfig:
+    # layer 1 dense, layers 0 and 2 MoE: routes have L = 2 entries, and the dense path is exercised
+    return ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1], max_position_embeddings=40)
+
+
+def model64(cfg: ModelConfig, seed: int = 0, std: float = 0.3) -> Qwen3MoeForCausalLM:
+    torch.manual_seed(seed)
+    m = Qwen3MoeForCausalLM(cfg).double()
+    with torch.no_grad():  # larger than the 0.02 init so routing and sampling are far from uniform
+        for n, p in m.named_parameters():
+            if not n.endswith("norm.weight"):
+                p.normal_(0, std)
+    return m.requires_grad_(False)
+
+
+def engine64(cfg: ModelConfig, model: Qwen3MoeForCausalLM, **kw: object) -> TorchFP8Engine:
+    eng = TorchFP8Engine(cfg, fp8=False, dtype=torch.float64, **kw)  # type: ignore[arg-type]
+    eng.update_weights(0, iter_hf_state(model))
+    return eng
+
+
+def reference_decode(model: Qwen3MoeForCausalLM, prompt: list[int], tokens: list[int],
+                     temperature: float) -> tuple[list[int], list[float]]:
+    """Greedy continuation and the logprob of each given token, by full recompute."""
+    ids, greedy, logps = list(prompt), [], []
+    for t in tokens:
+        logits = model(torch.tensor([ids]))[0, -1]
+        greedy.append(int(logits.argmax()))
+        T = temperature if temperature > 0 else 1.0
+        logps.append(float(torch.log_softmax(logits / T, -1)[t]))
+        ids.append(t)
+    return greedy, logps
+
+
+def chi_square_pvalue(counts_V: torch.Tensor, probs_V: torch.Tensor) -> float:
+    """Pearson chi-square p-value (same as test_sampling.py; test files cannot import each other)."""
+    expected = counts_V.sum() * probs_V
+    stat = ((counts_V - expected) ** 2 / expected).sum()
+    df = torch.tensor((probs_V.numel() - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(df, stat.double() / 2))
+
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [7, 7, 2, 9, 30]]
+
+
+@pytest.mark.parametrize("packed_decode", [True, False])
+def test_greedy_matches_full_recompute(packed_decode: bool) -> None:
+    cfg = tiny()
+    model = model64(cfg)
+    # 3 slots for 6 sequences: continuous batching admits new sequences as others finish
+    eng = engine64(cfg, model, max_batch_size=3, packed_decode=packed_decode)
+    reqs = [GenerateRequest(p, SamplingParams(temperature=0.0, max_new_tokens=4 + 3 * i, n=1 + (i == 1)))
+            for i, p in enumerate(PROMPTS)]
+    out = eng.generate(reqs)
+    assert [len(r) for r in out] == [1, 2, 1, 1]
+    for req, rolls in zip(reqs, out):
+        for r in rolls:
+            toks = r.response_ids.tolist()
+            assert r.finish_reason == "length" and len(toks) == req.params.max_new_tokens
+            greedy, logps = reference_decode(model, list(req.prompt_ids), toks, 0.0)
+            assert toks == greedy
+            assert torch.allclose(r.logprobs.double(), torch.tensor(logps, dtype=torch.float64), atol=1e-6)  # float32 storage
+            assert r.versions.tolist() == [0] * len(toks)
+
+
+def test_routes_and_logprobs_equal_record_forward() -> None:
+    cfg = tiny()
+    model = model64(cfg, seed=1)
+    eng = engine64(cfg, model, max_batch_size=4)
+    reqs = [GenerateRequest(p, SamplingParams(temperature=0.8, max_new_tokens=9, seed=10 + i, n=2))
+            for i, p in enumerate(PROMPTS)]
+    for req, rolls in zip(reqs, eng.generate(reqs)):
+        for r in rolls:
+            P, R = len(req.prompt_ids), r.num_tokens
+            full = list(req.prompt_ids) + r.response_ids.tolist()
+            rec = Routing("record")
+            logits = model(torch.tensor([full[:-1]]), routing=rec)[0]
+            assert r.routes is not None and r.routes.dtype == torch.uint8
+            assert tuple(r.routes.shape) == (P + R - 1, cfg.num_moe_layers, cfg.num_experts_per_tok)
+            assert rec.recorded_BTLK is not None and torch.equal(rec.recorded_BTLK[0], r.routes)
+            want = torch.log_softmax(logits[P - 1:] / 0.8, -1).gather(1, r.response_ids[:, None])[:, 0]
+            assert torch.allclose(r.logprobs.double(), want, atol=1e-6)
+
+
+def test_stop_tokens_and_context_limit() -> None:
+    cfg = tiny()
+    model = model64(cfg)
+    eng = engine64(cfg, model, max_context=12)
+    greedy = eng.generate([GenerateRequest([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=6))])[0][0]
+    stop_at = int(greedy.response_ids[2])
+    first = greedy.response_ids.tolist().index(stop_at)
+    r = eng.generate([GenerateRequest([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=6,
+                                                               stop_token_ids=(stop_at,)))])[0][0]
+    assert r.finish_reason == "stop" and r.response_ids.tolist() == greedy.response_ids.tolist()[: first + 1]
+    long = eng.generate([GenerateRequest(list(range(1, 10)), SamplingParams(temperature=0, max_new_tokens=50))])[0][0]
+    assert long.finish_reason == "length" and long.num_tokens == 12 - 9  # capped by the context
+
+
+def test_seeded_sampling_reproducible_whatever_the_batch() -> None:
+    cfg = tiny()
+    model = model64(cfg, seed=2)
+    target = GenerateRequest([3, 1, 4, 1, 5], SamplingParams(temperature=1.0, max_new_tokens=12, seed=99, n=3))
+    alone = engine64(cfg, model, max_batch_size=8).generate([target])[0]
+    others = [GenerateRequest(p, SamplingParams(temperature=1.2, top_p=0.9, max_new_tokens=7)) for p in PROMPTS]
+    crowded = engine64(cfg, model, max_batch_size=5, seed=7).generate(others[:2] + [target] + others[2:])[2]
+    for a, b in zip(alone, crowded):
+        assert a.response_ids.tolist() == b.response_ids.tolist()
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-6)
+    assert len({tuple(r.response_ids.tolist()) for r in alone}) > 1  # samples j use different streams
+
+
+def test_engine_token_frequencies_match_softmax() -> None:
+    """End to end: 3000 one-token samples of one prompt against softmax(logits / T) of the model."""
+    cfg = tiny()
+    model = model64(cfg, seed=3, std=0.15)
+    eng = engine64(cfg, model, max_batch_size=500, capture_routes=False)
+    prompt = [2, 4, 6]
+    out = eng.generate([GenerateRequest(prompt, SamplingParams(temperature=1.5, max_new_tokens=1, n=3000, seed=5))])
+    toks = torch.cat([r.response_ids for r in out[0]])
+    probs = torch.softmax(model(torch.tensor([prompt]))[0, -1] / 1.5, -1)
+    assert chi_square_pvalue(torch.bincount(toks, minlength=cfg.vocab_size).double(), probs) > 1e-3
+
+
+def test_bad_requests_abort_alone() -> None:
+    cfg = tiny()
+    eng = engine64(cfg, model64(cfg), max_context=20)
+    good = GenerateRequest([1, 2], SamplingParams(temperature=0, max_new_tokens=3))
+    bad = {
+        "empty prompt": GenerateRequest([], SamplingParams()),
+        "shorten the prompt": GenerateRequest(list(range(1, 21)), SamplingParams()),
+        "temperature": GenerateRequest([1], SamplingParams(temperature=-0.5)),
+        "top_p": GenerateRequest([1], SamplingParams(top_p=0.0)),
+        "top_p=1.5": GenerateRequest([1], SamplingParams(top_p=1.5)),
+        "max_new_tokens": GenerateRequest([1], SamplingParams(max_new_tokens=0)),
+        "outside [0, 48)": GenerateRequest([1, 48], SamplingParams()),
+        "n=0": GenerateRequest([1], SamplingParams(n=0)),
+    }
+    out = eng.generate([good, *bad.values(), good])
+    assert out[0][0].finish_reason == "length" and out[0][0].num_tokens == 3
+    assert out[-1][0].response_ids.tolist() == out[0][0].response_ids.tolist()
+    for (needle, _), rolls in zip(bad.items(), out[1:-1]):
+        assert len(rolls) >= 1
+        for r in rolls:
+            assert r.finish_reason == "abort" and r.num_tokens == 0 and r.routes is None
+            assert r.error is not None and needle in r.error, (needle, r.error)
+    assert eng.health()["refused_requests"] == len(bad)
+
+
+def test_bad_weight_updates_refused_and_old_weights_kept() -> None:
+    cfg = tiny()
+    model = model64(cfg)
+    eng = engine64(cfg, model)
+    req = [GenerateRequest([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=8))]
+    before = eng.generate(req)[0][0].response_ids.tolist()
+    good = dict(iter_hf_state(model64(cfg, seed=5)))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    cases = {
+        "missing": {k: v for k, v in good.items() if k != name},
+        "unexpected": {**good, "model.layers.9.foo.weight": torch.zeros(2)},
+        "has shape": {**good, name: good[name][:, :-1]},
+        "non-finite": {**good, name: torch.full_like(good[name], float("nan"))},
+        "is float8 but": {**good, name: good[name].to(torch.float8_e4m3fn)},
+    }
+    for needle, state in cases.items():
+        with pytest.raises(WeightUpdateError, match=needle):
+            eng.update_weights(1, state)
+    for v in (0, -3):
+        with pytest.raises(WeightUpdateError, match="not above"):
+            eng.update_weights(v, good)
+    assert eng.version == 0 and eng.health()["refused_updates"] == len(cases) + 2
+    assert eng.generate(req)[0][0].response_ids.tolist() == before
+    eng.update_weights(1, good)  # a good one still goes through, and changes the output
+    assert eng.version == 1 and eng.generate(req)[0][0].response_ids.tolist() != before
+    eng.reset()
+    eng.update_weights(0, dict(iter_hf_state(model)))  # after a rollback any version is accepted
+    assert eng.generate(req)[0][0].response_ids.tolist() == before
+
+
+def test_fp8_update_forms_agree_and_fp8_greedy_matches_dequantised_model() -> None:
+    cfg = tiny()
+    model = model64(cfg).float()
+    block = 8
+    plain = TorchFP8Engine(cfg, fp8=True, fp8_block=block, dtype=torch.float32)
+    plain.update_weights(0, iter_hf_state(model))
+    pre = TorchFP8Engine(cfg, fp8=True, fp8_block=block, dtype=torch.float32)
+    pre.update_weights(0, quantize_state(iter_hf_state(model), block))  # as the learner publishes
+    for (n, a), b in zip(plain.model.named_parameters(), pre.model.parameters()):
+        assert torch.equal(a, b), n
+    # the FP8 engine is exactly the model with dequantised projections
+    deq = Qwen3MoeForCausalLM(cfg).double().requires_grad_(False)
+    deq.load_state_dict({k: v.double() for k, v in pre.model.state_dict().items()})
+    r = pre.generate([GenerateRequest([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=10))])[0][0]
+    greedy, logps = reference_decode(deq, [1, 2, 3], r.response_ids.tolist(), 0.0)
+    assert r.response_ids.tolist() == greedy
+    assert torch.allclose(r.logprobs.double(), torch.tensor(logps, dtype=torch.float64), atol=1e-4)
+    assert not torch.equal(pre.model.model.layers[0].self_attn.q_proj.weight,
+                           model.model.layers[0].self_attn.q_proj.weight.float())
+
+
+def _update_mid_generation(interruptible: bool) -> tuple[TorchFP8Engine, list]:
+    cfg = tiny()
+    m0, m1 = model64(cfg, seed=0), model64(cfg, seed=1)
+    eng = engine64(cfg, m0, interruptible=interruptible, max_batch_size=4)
+    new = dict(iter_hf_state(m1))
+    steps = {"n": 0}
+    orig = eng._decode
+    updater: list[threading.Thread] = []
+
+    def decode(*a: object) -> None:
+        orig(*a)  # type: ignore[arg-type]
+        steps["n"] += 1
+        if steps["n"] == 3:  # start an update and wait until it is pending: it lands at the next boundary
+            th = threading.Thread(target=eng.update_weights, args=(1, new))
+            th.start()
+            updater.append(th)
+            deadline = time.monotonic() + 30
+            while not eng._swap_pending and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+    eng._decode = decode  # type: ignore[method-assign]
+    reqs = [GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=8)) for p in PROMPTS[:3]]
+    out = eng.generate(reqs)
+    updater[0].join(30)
+    return eng, out
+
+
+def test_interruptible_update_applies_between_steps_with_per_token_versions() -> None:
+    eng, out = _update_mid_generation(interruptible=True)
+    assert eng.version == 1
+    for rolls in out:
+        v = rolls[0].versions.tolist()
+        assert v == sorted(v) and v[0] == 0 and v[-1] == 1, v
+        assert v.count(0) == 4  # prefill token + 3 decode steps with the old weights
+
+
+def test_update_waits_for_the_batch_when_not_interruptible() -> None:
+    eng, out = _update_mid_generation(interruptible=False)
+    assert eng.version == 1
+    assert all(r[0].versions.tolist() == [0] * 8 for r in out)
+
+
+def test_pause_holds_generation_until_resume() -> None:
+    cfg = tiny()
+    eng = engine64(cfg, model64(cfg))
+    eng.pause()
+    result: list = []
+    th = threading.Thread(target=lambda: result.append(eng.generate([GenerateRequest([1], SamplingParams())])))
+    th.start()
+    time.sleep(0.2)
+    assert not result and eng.health()["paused"]
+    eng.update_weights(1, dict(iter_hf_state(model64(cfg, seed=4))))  # updates go through while paused
+    eng.resume()
+    th.join(30)
+    v = result[0][0][0].versions.tolist()
+    assert v == [1] * len(v) and len(v) == 40 - 1  # default max_new_tokens 64, capped by the context
+
+
+def test_make_engine_from_config() -> None:
+    cfg = Config()
+    cfg.sampler.compute_dtype = "fp32"
+    cfg.model.fp8_block_size = 8
+    mcfg = tiny()
+    eng = make_engine(cfg, model_cfg=mcfg, state=iter_hf_state(model64(mcfg).float()), version=3)
+    assert eng.version == 3 and eng.health()["fp8"] is True
+    r = eng.generate([GenerateRequest([1, 2], SamplingParams(max_new_tokens=5, seed=0))])[0][0]
+    assert r.num_tokens == 5 and r.routes is not None
+    with pytest.raises(RuntimeError, match="no weights"):
+        TorchFP8Engine(mcfg).generate([GenerateRequest([1], SamplingParams())])
+
+
+def test_unseeded_requests_differ() -> None:
+    cfg = tiny()
+    eng = engine64(cfg, model64(cfg, seed=6))
+    req = [GenerateRequest([1, 2], SamplingParams(temperature=1.0, max_new_tokens=10))]
+    seen = {tuple(eng.generate(req)[0][0].response_ids.tolist()) for _ in range(4)}
+    assert len(seen) > 1
