@@ -157,13 +157,13 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Mess
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     proto = header.get("proto")
     if type(proto) is not int:
-        raise ProtocolError(f"header has no integer 'proto' field (got {proto!r})")
+        raise ProtocolError(f"header has no integer 'proto' field (got {proto!r:.50})")
     if proto != PROTO_VERSION:
         raise ProtocolError(f"protocol version mismatch: peer speaks proto {proto}, this side speaks {PROTO_VERSION}")
     type_name = header.get("type")
     cls = MESSAGE_TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {type_name!r}; known: {sorted(MESSAGE_TYPES)}")
+        raise ProtocolError(f"unknown message type {type_name!r:.80}; known: {sorted(MESSAGE_TYPES)}")
     fields = {k: v for k, v in header.items() if k not in ("proto", "type")}
     used: set[int] = set()
     msg = _decode_obj(cls, fields, bufs, used, "")
@@ -228,7 +228,8 @@ def _decode_scalar(v: Any, kind: str, detail: Any, what: str) -> Any:
         if all(type(x) is detail for x in v):
             return v
         raise ProtocolError(f"{what} must be a list of {detail.__name__}")
-    raise ProtocolError(f"{what} must be {kind}, got {type(v).__name__}")
+    expected = {"json": "a map", "fdict": "a map", "slist": "a list"}.get(kind, kind)
+    raise ProtocolError(f"{what} must be {expected}, got {type(v).__name__}")
 
 
 def _check_json(v: Any, what: str, depth: int) -> None:
