@@ -5,7 +5,9 @@ MAXMSGSIZE (a peer sending a larger frame is disconnected by zmq; `decode` also 
 messages), high-water marks, ZMTP heartbeats (a dead TCP peer is noticed within ~3 heartbeats) and,
 when configured, CurveZMQ. Binding sockets are CURVE servers (server secret key file), connecting
 sockets are CURVE clients (client secret key file + server public key file); `start_authenticator`
-restricts servers to the client public keys in a folder. Addresses come from the config and default to
+restricts servers to the client public keys in a folder (`network.curve_allowed_clients`; when that is
+set, creating a CURVE server socket before `start_authenticator(ctx, folder)` is a ValueError, since
+libzmq without an authenticator admits any client that knows the server key). Addresses come from the config and default to
 127.0.0.1 (or `ipc://` in the run directory).
 
 | socket | pattern | side | HWM full / no peer |
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,6 +49,7 @@ if TYPE_CHECKING:  # weights.py needs torch; graders use these sockets without i
     from minirl_async.proto.weights import StateFn, TensorSpec, WeightSender
 
 BROADCAST_TOPIC = b"w:*\x00"
+_AUTHENTICATED: dict[int, str] = {}  # libzmq context address -> client key folder its authenticator enforces
 
 
 def personal_topic(sampler_id: str) -> bytes:
@@ -109,6 +113,10 @@ def _configure(sock: zmq.Socket, opts: SocketOptions, server: bool) -> None:
             raise ValueError(f"{c.server_secret_file} holds no secret key; pass the NAME.key_secret file")
         sock.curve_publickey, sock.curve_secretkey = public, secret
         sock.curve_server = True
+        if c.allowed_clients_dir and _AUTHENTICATED.get(sock.context.underlying) != c.allowed_clients_dir:
+            # Without a running ZAP authenticator libzmq admits every client that knows the server key.
+            raise ValueError(f"network.curve_allowed_clients is {c.allowed_clients_dir!r}: call "
+                             "start_authenticator(ctx, that folder) before creating CURVE server sockets")
     elif not server and (c.client_secret_file or c.server_public_file):
         if not (c.client_secret_file and c.server_public_file):
             raise ValueError("a CURVE client needs both network.curve_client_key and network.curve_server_public")
@@ -188,7 +196,9 @@ def scored_pull(ctx: zmq.Context, addr: str, opts: SocketOptions, bind: bool = T
 def start_authenticator(ctx: zmq.Context, allowed_clients_dir: str | None = None) -> Any:
     """Start a ZAP authenticator for CURVE servers of `ctx`: only client public keys found in
     `allowed_clients_dir` (NAME.key files) may connect; None allows any client holding the server key.
-    Returns the authenticator; call `.stop()` on shutdown."""
+    Returns the authenticator; call `.stop()` on shutdown (before terminating the context)."""
+    if allowed_clients_dir and not os.path.isdir(allowed_clients_dir):
+        raise ValueError(f"network.curve_allowed_clients {allowed_clients_dir!r} is not a folder of NAME.key files")
     if isinstance(ctx, zmq.asyncio.Context):
         from zmq.auth.asyncio import AsyncioAuthenticator
 
@@ -199,6 +209,7 @@ def start_authenticator(ctx: zmq.Context, allowed_clients_dir: str | None = None
         auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=allowed_clients_dir or zmq.auth.CURVE_ALLOW_ANY)
+    _AUTHENTICATED[ctx.underlying] = allowed_clients_dir or ""
     return auth
 
 

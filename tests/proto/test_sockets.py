@@ -213,7 +213,8 @@ def test_unauthenticated_clients_cannot_talk_to_a_curve_socket(tmp_path, tcp_add
     ctx = zmq.Context()
     auth = start_authenticator(ctx, str(allowed))
     try:
-        server = scored_pull(ctx, tcp_addr, SocketOptions(linger_ms=0, curve=CurveConfig(server_secret_file=str(server_sec))))
+        server = scored_pull(ctx, tcp_addr, SocketOptions(linger_ms=0, curve=CurveConfig(
+            server_secret_file=str(server_sec), allowed_clients_dir=str(allowed))))
 
         def client(curve: CurveConfig):
             push = scored_push(ctx, tcp_addr, SocketOptions(linger_ms=0, curve=curve))
@@ -251,5 +252,16 @@ def test_frames_over_maxmsgsize_never_arrive(ipc_addr):
         pull, push = scored_pull(ctx, ipc_addr, opts), scored_push(ctx, ipc_addr, opts)
         push.send(b"z" * 10_000)
         assert pull.poll(500) == 0  # zmq drops the connection instead of delivering it
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_allowed_clients_without_an_authenticator_is_refused(tmp_path, tcp_addr):
+    _, server_sec = _keys(tmp_path, "server")
+    ctx = zmq.Context()
+    try:
+        with pytest.raises(ValueError, match="call start_authenticator"):
+            scored_pull(ctx, tcp_addr, SocketOptions(curve=CurveConfig(server_secret_file=str(server_sec),
+                                                                      allowed_clients_dir=str(tmp_path))))
     finally:
         ctx.destroy(linger=0)
