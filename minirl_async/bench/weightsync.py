@@ -7,7 +7,8 @@ separate process (spawned, so it shares nothing) + checksum verify + blob parse 
 assembly, timed from the first serialisation to the receiver's acknowledgement that the whole version is
 in. Baseline in the same run: a single-process memcpy of the same tensors into preallocated buffers
 (`copy_`, one thread). `ratio` = transport GB/s / memcpy GB/s for the better transport (`ratio_of` says
-which); `tcp_ratio` and `ipc_ratio` are both reported. Each figure is the best of `reps` runs; the
+which); `tcp_ratio` and `ipc_ratio` are both reported, and `*_cpu_ratio` compares CPU seconds (sender +
+receiver, all threads) instead of wall time. Each figure is the best of `reps` runs; the
 1-minute load average is reported because the 2-core machine is shared.
 Default ~256 MB (quick: ~16 MB), chunks of `network.weight_chunk_mb` (16 MB).
 """
@@ -47,19 +48,22 @@ def _receiver(addr: str, names: list[str], reps: int, conn: Any) -> None:
     sub = weights_sub(ctx, addr, "bench", SocketOptions(linger_ms=0, weights_hwm=8))
     receiver = WeightReceiver(expected_names=names)
     conn.send("ready")
-    done = 0
+    done, cpu0 = 0, time.process_time()
     while done < reps:
         frames = sub.recv_multipart(copy=False)
         out = receiver.feed(decode(frames[1:]))  # frames[0] is the topic
         if out is not None:
-            conn.send((out.version, sum(t.numel() * t.element_size() for t in out.tensors.values())))
-            done += 1
+            cpu = time.process_time()  # all threads of this process, zmq's I/O thread included
+            conn.send((out.version, sum(t.numel() * t.element_size() for t in out.tensors.values()), cpu - cpu0))
+            done, cpu0 = done + 1, cpu
     sub.close(0)
     ctx.term()
 
 
-def _transport(addr: str, state: dict[str, torch.Tensor], chunk_bytes: int, reps: int) -> tuple[float, int]:
-    """Best seconds for one version end to end, and the number of chunks."""
+def _transport(addr: str, state: dict[str, torch.Tensor], chunk_bytes: int, reps: int
+               ) -> tuple[float, int, float, float]:
+    """Best seconds for one version end to end, the number of chunks, and the CPU seconds the sender and
+    the receiver process spent on that best run."""
     import zmq
 
     from minirl_async.proto.sockets import BROADCAST_TOPIC, SocketOptions, send_message, weights_pub
@@ -79,19 +83,21 @@ def _transport(addr: str, state: dict[str, torch.Tensor], chunk_bytes: int, reps
         while pub.recv() != b"\x01" + BROADCAST_TOPIC:
             pass
         sender = WeightSender(chunk_bytes)
-        best, num_chunks = float("inf"), 0
+        best, num_chunks, cpu = float("inf"), 0, (0.0, 0.0)
         for version in range(reps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             num_chunks = 0
             for msg in sender.publish(version, lambda: state.items()):
                 send_message(pub, msg, topic=BROADCAST_TOPIC)
                 num_chunks += 1
             if not parent.poll(300):
                 raise RuntimeError("bench receiver did not acknowledge")
-            got_version, nbytes = parent.recv()
-            best = min(best, time.perf_counter() - t0)
+            got_version, nbytes, receiver_cpu = parent.recv()
+            elapsed = time.perf_counter() - t0
+            if elapsed < best:
+                best, cpu = elapsed, (time.process_time() - c0, receiver_cpu)
             assert got_version == version and nbytes == sum(t.numel() * 2 for t in state.values())
-        return best, num_chunks
+        return best, num_chunks, cpu[0], cpu[1]
     finally:
         proc.join(10)
         if proc.is_alive():
@@ -127,8 +133,8 @@ def run(quick: bool) -> dict:
         s.bind(("127.0.0.1", 0))
         tcp_addr = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     ipc_addr = f"ipc://{tempfile.gettempdir()}/minirl-bench-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
-    tcp_s, num_chunks = _transport(tcp_addr, state, chunk_bytes, reps)
-    ipc_s, _ = _transport(ipc_addr, state, chunk_bytes, reps)
+    tcp_s, num_chunks, tcp_cpu_send, tcp_cpu_recv = _transport(tcp_addr, state, chunk_bytes, reps)
+    ipc_s, _, ipc_cpu_send, ipc_cpu_recv = _transport(ipc_addr, state, chunk_bytes, reps)
     gb = total / 1e9
     memcpy_gbps, tcp_gbps, ipc_gbps = gb / memcpy_s, gb / tcp_s, gb / ipc_s
     best = "ipc" if ipc_gbps >= tcp_gbps else "tcp"
@@ -148,5 +154,12 @@ def run(quick: bool) -> dict:
         "ratio_of": best,
         "tcp_s": round(tcp_s, 4),
         "ipc_s": round(ipc_s, 4),
+        # CPU seconds (all threads) of sender and receiver in the best run: their sum over the wall time
+        # shows how CPU-bound the two processes are on this 2-core machine.
+        "tcp_cpu_s": [round(tcp_cpu_send, 3), round(tcp_cpu_recv, 3)],
+        "ipc_cpu_s": [round(ipc_cpu_send, 3), round(ipc_cpu_recv, 3)],
+        # memcpy CPU seconds / transport CPU seconds (both processes): less sensitive to a busy machine.
+        "tcp_cpu_ratio": round(memcpy_s / max(tcp_cpu_send + tcp_cpu_recv, 1e-9), 3),
+        "ipc_cpu_ratio": round(memcpy_s / max(ipc_cpu_send + ipc_cpu_recv, 1e-9), 3),
         "load_avg_1min": round(os.getloadavg()[0], 2),  # other processes on the machine during the run
     }
