@@ -308,7 +308,10 @@ class WeightPublisher:
         (self.subscribed.add if subscribed else self.subscribed.discard)(topic)
 
     async def serve_pending(self) -> int:
-        """Stream the last version to every pending requester that is subscribed and behind; returns how many."""
+        """Stream the last version to every pending requester that is subscribed and behind; returns how many.
+        While a publish is in progress nothing is served (requests stay pending): call again after it."""
+        if self.sender.publishing:
+            return 0
         served = 0
         for sampler_id, have in list(self.pending.items()):
             topic = personal_topic(sampler_id)

@@ -133,15 +133,16 @@ class WeightSender:
         self.checksum_algo = checksum_algo or default_checksum_algo()
         self.fp8_filter = fp8_filter or _default_fp8_filter
         self.quantize = quantize or _default_quantize
-        self._plan: _Plan | None = None
+        self._plan: _Plan | None = None  # the last completely published version
         self._state_fn: StateFn | None = None
+        self.publishing = False  # a publish() generator is running
         # Recycled chunk buffers (kept blobs are never recycled: they stay referenced).
         self._pool = BlobPool() if not keep_blobs else None
 
     @property
     def last_version(self) -> int:
         """Version of the last completed publish, -1 before the first."""
-        return self._plan.version if self._plan is not None and self._plan.checksums else -1
+        return self._plan.version if self._plan is not None else -1
 
     # ------------------------------------------------------------ planning (names, shapes, dtypes only)
     def _wire_specs(self, s: TensorSpec) -> list[TensorSpec]:
@@ -194,13 +195,16 @@ class WeightSender:
         if specs is None:
             specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in state_fn()]
         plan = self.plan(version, specs)
-        self._plan, self._state_fn = None, state_fn
-        for msg, blob in self._serialise(plan, state_fn):
-            plan.checksums.append(msg.checksum)
-            if self.keep_blobs:
-                plan.blobs.append(blob)
-            yield msg
-        self._plan = plan
+        self.publishing = True  # until the last chunk is out, resend() still serves the previous version
+        try:
+            for msg, blob in self._serialise(plan, state_fn):
+                plan.checksums.append(msg.checksum)
+                if self.keep_blobs:
+                    plan.blobs.append(blob)
+                yield msg
+        finally:
+            self.publishing = False
+        self._plan, self._state_fn = plan, state_fn
 
     def resend(self) -> Iterator[WeightUpdate]:
         """The last published version's chunks again (from kept blobs, or re-serialised and verified)."""

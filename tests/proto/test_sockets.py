@@ -265,3 +265,29 @@ def test_allowed_clients_without_an_authenticator_is_refused(tmp_path, tcp_addr)
                                                                       allowed_clients_dir=str(tmp_path))))
     finally:
         ctx.destroy(linger=0)
+
+
+async def test_publisher_serves_requests_only_when_subscribed_behind_and_idle():
+    from minirl_async.proto.sockets import personal_topic
+
+    sent = []
+
+    class FakeSock:
+        async def send_multipart(self, frames, copy=False):
+            sent.append(frames[0])
+
+    state = _state(3)
+    pub = WeightPublisher(FakeSock(), WeightSender(chunk_bytes=2000, keep_blobs=True))
+    n = await pub.publish(1, lambda: state.items())
+    assert sent == [BROADCAST_TOPIC] * n
+    pub.on_request(WeightsRequest(sampler_id="a", have_version=-1))
+    assert await pub.serve_pending() == 0 and "a" in pub.pending  # its SUB is not attached yet
+    pub.on_subscription(b"\x01" + personal_topic("a"))
+    pub.sender.publishing = True
+    assert await pub.serve_pending() == 0 and "a" in pub.pending  # mid-publish: wait
+    pub.sender.publishing = False
+    assert await pub.serve_pending() == 1 and sent[n:] == [personal_topic("a")] * n and not pub.pending
+    pub.on_request(WeightsRequest(sampler_id="a", have_version=1))
+    assert await pub.serve_pending() == 0 and not pub.pending  # already up to date: dropped
+    pub.on_subscription(b"\x00" + personal_topic("a"))
+    assert not pub.subscribed

@@ -246,3 +246,15 @@ def test_blob_pool_reuses_only_unreferenced_buffers():
     del a_obj, c
     d = pool.alloc(1000)
     assert d.obj is pool._bufs[0] and d.nbytes == 1000
+
+
+def test_a_publish_in_progress_keeps_the_previous_version_for_resend():
+    state = _state(7)
+    sender = WeightSender(chunk_bytes=1500, keep_blobs=True)
+    first = list(sender.publish(1, lambda: state.items()))
+    gen = sender.publish(2, lambda: state.items())
+    next(gen)
+    assert sender.publishing and sender.last_version == 1
+    assert [m.checksum for m in sender.resend()] == [m.checksum for m in first]
+    list(gen)
+    assert not sender.publishing and sender.last_version == 2
