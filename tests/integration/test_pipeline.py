@@ -52,6 +52,8 @@ def test_staleness_bound_holds(tmp_path, eta):
     else:
         assert max(lags) > 0
     assert rows[-1]["pipeline/lost"] == 0
+    # bounded memory: the ledger never holds more than the admission window
+    assert all(r["pipeline/in_flight"] + r["pipeline/requeued"] + r["pipeline/ready"] <= (eta + 1) * 4 for r in rows)
 
 
 @pytest.mark.parametrize("n,mode", [(1, 2), (2, 2), (4, 3)])
@@ -137,3 +139,42 @@ def test_real_tiny_model_end_to_end(tmp_path):
         assert not [k for k in CONTRACT if k not in r]
         assert r["staleness/version_lag_max"] <= 1 and r["pipeline/lost"] == 0
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_malformed_messages_are_counted_and_dropped(tmp_path):
+    """Garbage on the learner's PULL and ROUTER and on the grader's PULL mid-run: counted, dropped, and the
+    run completes with nothing lost."""
+    import subprocess
+    import time
+
+    import zmq
+
+    net = net_overrides()
+    addr = {kv.split("=")[0].split(".")[1]: kv.split("=")[1] for kv in net}
+    cmd = [sys.executable, "-m", "minirl_async.cli", "run", "-c", "configs/tiny.toml", f"run.dir={tmp_path}",
+           *FAKE, *net, "learner.num_steps=8", "run.fake_step_s=0.1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    ctx = zmq.Context()
+    try:
+        while not (tmp_path / "metrics.jsonl").is_file() and proc.poll() is None:
+            time.sleep(0.1)
+        junk = [[b"not msgpack"], [b"\x81\xa5proto\x63"], [b"\x82\xa5proto\x01\xa4type\xa4Nope"]]
+        for key, kind in (("scored_addr", zmq.PUSH), ("rollout_addr", zmq.PUSH), ("work_addr", zmq.DEALER)):
+            s = ctx.socket(kind)
+            s.setsockopt(zmq.LINGER, 5000)
+            s.connect(addr[key])
+            time.sleep(0.3)  # let the connection complete: a PUSH without a live pipe queues nothing yet
+            for frames in junk:
+                s.send_multipart(frames)
+            s.close()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        ctx.term()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    rows = metrics(tmp_path)
+    assert len(rows) == 8 and rows[-1]["pipeline/lost"] == 0
+    assert rows[-1]["pipeline/bad_messages"] >= 6  # 3 on the PULL + 3 on the ROUTER of the learner
+    assert "dropped a bad message" in (tmp_path / "logs" / "grader-0.log").read_text()
