@@ -170,6 +170,9 @@ class LearnerSection(_Section):
     """Deterministic algorithms (bit-exact resume), slower."""
     logprob_chunk: int = Field(1024, ge=1)
     """Tokens per chunk when computing log-probs and entropy (bounds memory)."""
+    micro_batch_size: int = Field(0, ge=0)
+    """Responses per forward/backward on each rank (gradients accumulate over the micro-batches of a
+    minibatch; the result equals one big batch); 0 = the rank's whole minibatch at once."""
 
 
 class AlgoSection(_Section):

@@ -3,7 +3,7 @@
 The learner computes `log softmax(logits / temperature)` at the sampled tokens (the sampler does the same;
 `temperature` = `sampler.temperature`, 1 when sampling greedily). A `[B, T, V]` logits tensor (plus its
 float32 copy and the softmax for the backward) is the largest activation of an LLM step, so the LM head
-runs on `chunk` tokens at a time; with gradients each chunk is checkpointed, so only the hidden states are
+runs on `chunk` tokens at a time; with gradients and more than one chunk, each chunk is checkpointed, so only the hidden states are
 kept for the backward and one chunk of logits is live at any time.
 
     logp_BT, ent_BT = chunked_logprobs(hidden_BTD, lm_head.weight, targets_BT, temperature=1.0, chunk=1024,
@@ -48,7 +48,10 @@ def chunked_logprobs(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, targets_
     h_ND = hidden_BTD.reshape(B * T, D)
     y_N = targets_BT.reshape(B * T).long()
     inv_temp = 1.0 / temperature
-    grad = torch.is_grad_enabled() and (hidden_BTD.requires_grad or weight_VD.requires_grad)
+    # One chunk: checkpointing would only add a recompute (the rest of the model's activations are live
+    # until the backward anyway), so it is used from two chunks on.
+    grad = (torch.is_grad_enabled() and (hidden_BTD.requires_grad or weight_VD.requires_grad)
+            and B * T > chunk)
     lps, ents = [], []
     for s in range(0, B * T, chunk):
         args = (h_ND[s:s + chunk], weight_VD, y_N[s:s + chunk], inv_temp, with_entropy)

@@ -149,7 +149,8 @@ class Trainer:
                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.policy(b.input_ids_BT, b.targets_BT, routing, self.temperature, self.chunk, with_entropy)
 
-    def _batches(self, groups: Sequence[Group]) -> list[Batch]:
+    def _batches(self, groups: Sequence[Group]) -> list[list[Batch]]:
+        """Validate, compute advantages, and split into minibatches (in order) of this rank's micro-batches."""
         m = self.mcfg
         for g in groups:
             validate_group(g, vocab_size=m.vocab_size, num_experts=m.num_experts,
@@ -161,15 +162,24 @@ class Trainer:
             raise ValueError(f"learner.minibatch_groups ({mb}) must be a multiple of the learner world size "
                              f"({self.world}) so every rank gets whole groups")
         norm = needs_std_advantages(self.loss_cfg.name)
-        out = []
         pad = m.pad_token_id if m.pad_token_id is not None else 0
+        out = []
         for k in range(len(groups) // mb):
             mine = list(groups[k * mb:(k + 1) * mb])[self.rank::self.world]
             samples, adv = [], []
             for g in mine:
                 samples += g.samples
                 adv += group_advantages(g.rewards[None], normalize_std=norm)[0].tolist()
-            out.append(collate(samples, adv, pad_id=pad).to(self.device))
+            # every rank must run the same number of forwards (FSDP collectives): agree on the count
+            micro = self.cfg.learner.micro_batch_size or len(samples)
+            n_micro = int(self._allreduce([float(math.ceil(len(samples) / micro))],
+                                          dist.ReduceOp.MAX if self.world > 1 else None)[0])
+            if n_micro > len(samples):
+                raise ValueError(f"minibatch {k}: {len(samples)} responses on rank {self.rank} cannot fill "
+                                 f"{n_micro} micro-batches; use groups of equal size")
+            bounds = [round(i * len(samples) / n_micro) for i in range(n_micro + 1)]
+            out.append([collate(samples[a:b], adv[a:b], pad_id=pad).to(self.device)
+                        for a, b in zip(bounds[:-1], bounds[1:])])
         return out
 
     # ---- reductions over ranks -----------------------------------------------------------------------
@@ -188,8 +198,9 @@ class Trainer:
         if replay_mode not in REPLAY_MODES:
             raise ValueError(f"replay_mode must be one of {REPLAY_MODES}, got {replay_mode!r}")
         t0 = time.perf_counter()
-        batches = self._batches(groups)
-        has_routes = all(b.routes_BTLK is not None for b in batches)
+        minibatches = self._batches(groups)
+        flat = [b for mbs in minibatches for b in mbs]
+        has_routes = all(b.routes_BTLK is not None for b in flat)
         if replay_mode == "r3" and not has_routes:
             raise ValueError("replay_mode 'r3' needs the sampler's routes for every response "
                              "(set sampler.capture_routes = true)")
@@ -199,17 +210,17 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * weight
 
-        # 3. proximal pass
-        prox: list[torch.Tensor] = []
-        replay: list[torch.Tensor | None] = []
+        # 3. proximal pass (per micro-batch; results kept by identity of the Batch object)
+        prox: dict[int, torch.Tensor] = {}
+        replay: dict[int, torch.Tensor | None] = {}
         n_resp = n_valid = 0.0
         self.policy.eval()
         with torch.no_grad():
-            for b in batches:
+            for b in flat:
                 rt = Routing("replay", replay_BTLK=b.routes_BTLK) if replay_mode == "r3" else Routing("record")
                 lp_BT, ent_BT = self._logprobs(b, rt, with_entropy=True)
                 assert ent_BT is not None
-                prox.append(lp_BT)
+                prox[id(b)] = lp_BT
                 nt, nv = float(b.response_mask_BT.sum()), float(b.valid_BT.sum())
                 n_resp, n_valid = n_resp + nt, n_valid + nv
                 acc(train_infer_kl(lp_BT, b.rollout_logprobs_BT, b.response_mask_BT), nt)
@@ -222,25 +233,40 @@ class Trainer:
                     assert rt.recorded_BTLK is not None
                     acc(routing_agreement(rt.recorded_BTLK, b.routes_BTLK, b.valid_BT,
                                           self.mcfg.moe_layer_ids), nv)
-                replay.append({"none": None, "r2": rt.recorded_BTLK if replay_mode == "r2" else None,
-                               "r3": b.routes_BTLK}[replay_mode])
-        # 4. updates; the normalisers are global (all ranks, this minibatch) so rank losses add up exactly
+                replay[id(b)] = {"none": None, "r2": rt.recorded_BTLK if replay_mode == "r2" else None,
+                                 "r3": b.routes_BTLK}[replay_mode]
+
+        def routing_of(b: Batch) -> Routing | None:
+            r = replay[id(b)]
+            return Routing("replay", replay_BTLK=r) if r is not None else None
+
+        # 4. updates; the normalisers are global (all ranks and micro-batches of this minibatch), so the
+        # per-micro-batch, per-rank losses add up exactly to the minibatch loss
         self.policy.train()
         grad_norms, losses, lrs = [], [], []
         skipped_before = self.skipped_updates
-        for k, b in enumerate(batches):
-            n_seq, n_tok = self._allreduce([float(b.input_ids_BT.shape[0]), float(b.num_tokens)])
+        # The optimizer's own (sharded) parameters: under FSDP2, module attributes can point at the
+        # temporary unsharded copies between forward and backward, which never hold the gradients.
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for k, mbs in enumerate(minibatches):
+            n_seq, n_tok = self._allreduce([float(sum(b.input_ids_BT.shape[0] for b in mbs)),
+                                            float(sum(b.num_tokens for b in mbs))])
             self.optimizer.zero_grad(set_to_none=True)
-            r = replay[k]
-            lp_BT, _ = self._logprobs(b, Routing("replay", replay_BTLK=r) if r is not None else None)
-            loss, m = compute_policy_loss(lp_BT, prox[k], b.rollout_logprobs_BT, b.advantages_B,
-                                          b.response_mask_BT, self.loss_cfg, num_seqs=n_seq, num_tokens=n_tok)
-            # FSDP averages gradients over ranks; scaling by world turns that average into the global sum.
-            (loss * self.world).backward()
-            gn = torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
-                                                self.cfg.learner.grad_clip, foreach=True)
+            loss_local = 0.0
+            for b in mbs:
+                lp_BT, _ = self._logprobs(b, routing_of(b))
+                loss, m = compute_policy_loss(lp_BT, prox[id(b)], b.rollout_logprobs_BT, b.advantages_B,
+                                              b.response_mask_BT, self.loss_cfg, num_seqs=n_seq, num_tokens=n_tok)
+                # FSDP averages gradients over ranks; scaling by world turns that average into the global sum.
+                (loss * self.world).backward()
+                loss_local += m["loss/policy"]
+                nt = float(b.num_tokens)
+                acc({"loss/clip_frac": m["loss/clip_frac"], "is/d_mean": m["is/d_mean"],
+                     "is/trunc_frac": m["is/trunc_frac"]}, nt)
+                sums["is/d_max"] = max(sums.get("is/d_max", 0.0), m["is/d_max"])
+            gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.learner.grad_clip, foreach=True)
             gn_f = float(full_tensor(gn))
-            loss_f = self._allreduce([m["loss/policy"]])[0]
+            loss_f = self._allreduce([loss_local])[0]
             lrs.append(self.scheduler.get_last_lr()[0])
             if not (math.isfinite(loss_f) and math.isfinite(gn_f)):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -252,18 +278,13 @@ class Trainer:
                 self.scheduler.step()
             grad_norms.append(gn_f)
             losses.append(loss_f)
-            nt = float(b.num_tokens)
-            acc({"loss/clip_frac": m["loss/clip_frac"], "is/d_mean": m["is/d_mean"],
-                 "is/trunc_frac": m["is/trunc_frac"]}, nt)
-            sums["is/d_max"] = max(sums.get("is/d_max", 0.0), m["is/d_max"])
         self.optimizer.zero_grad(set_to_none=True)
         # 5. staleness KL of the new weights against pi_prox (same routing as the updates)
         self.policy.eval()
         with torch.no_grad():
-            for k, b in enumerate(batches):
-                r = replay[k]
-                lp_BT, _ = self._logprobs(b, Routing("replay", replay_BTLK=r) if r is not None else None)
-                acc(staleness_kl(lp_BT, prox[k], b.response_mask_BT), float(b.num_tokens))
+            for b in flat:
+                lp_BT, _ = self._logprobs(b, routing_of(b))
+                acc(staleness_kl(lp_BT, prox[id(b)], b.response_mask_BT), float(b.num_tokens))
         self.version += 1
         return self._finish_metrics(sums, n_resp, n_valid, losses, grad_norms, lrs,
                                     self.skipped_updates - skipped_before, time.perf_counter() - t0)

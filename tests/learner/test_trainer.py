@@ -169,3 +169,14 @@ def test_lr_schedule():
     g = lr_lambda(warmup=0, total=10, schedule="constant")
     assert g(0) == g(9) == 1.0
     assert math.isclose(lr_lambda(2, 10, "constant")(5), 1.0)
+
+
+def test_micro_batches_equal_one_batch(model):
+    # gradient accumulation over micro-batches (global normalisers) equals the whole minibatch at once
+    groups = make_groups(model, num_groups=2, G=3, seed=8)
+    for loss in ("minirl", "minirl_lennorm", "cispo", "grpo"):
+        whole, mw = _one_step(model, groups, "r2", f"algo.loss={loss}")
+        micro, mm = _one_step(model, groups, "r2", f"algo.loss={loss}", "learner.micro_batch_size=2")
+        assert torch.allclose(_weights(whole), _weights(micro), atol=1e-12, rtol=0), loss
+        for key in ("loss/policy", "loss/grad_norm", "kl/staleness_k3", "policy/entropy", "routing/agree_frac"):
+            assert mw[key] == pytest.approx(mm[key], rel=1e-10, abs=1e-13), (loss, key)
