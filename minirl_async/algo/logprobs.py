@@ -3,8 +3,8 @@
 The learner computes `log softmax(logits / temperature)` at the sampled tokens (the sampler does the same;
 `temperature` = `sampler.temperature`, 1 when sampling greedily). A `[B, T, V]` logits tensor (plus its
 float32 copy and the softmax for the backward) is the largest activation of an LLM step, so the LM head
-runs on `chunk` tokens at a time; with gradients and more than one chunk, each chunk is checkpointed, so only the hidden states are
-kept for the backward and one chunk of logits is live at any time.
+runs on `chunk` tokens at a time; with gradients and more than one chunk, each chunk is checkpointed, so
+only the hidden states are kept for the backward and one chunk of logits is live at any time.
 
     logp_BT, ent_BT = chunked_logprobs(hidden_BTD, lm_head.weight, targets_BT, temperature=1.0, chunk=1024,
                                        with_entropy=True)
