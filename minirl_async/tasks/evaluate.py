@@ -5,9 +5,12 @@
 
 Prompts: the first `data.num_eval` of the eval split (disjoint from training). Sampling uses
 `sampler.temperature` (1.0 when it is 0) and `data.eval_samples` responses per prompt; rewards come from the
-configured grader through the grader runner (a failed grading counts as wrong and is reported). Generation
-uses the plain batched loop of `tasks/generate.py` (bf16/fp32 weights, not the FP8 engine), so eval
-measures the policy itself. Prints a table, then one JSON line (only the JSON line with --json).
+configured grader through the grader runner (a failed grading counts as wrong and is reported).
+
+Generation (`generator=`): "engine" (default) runs the configured sampler engine (`sampler.engine`,
+`sampler.fp8`, `sampler.compute_dtype`: what the samplers of a run produce); "plain" runs the small fp32
+loop of `tasks/generate.py` (the policy's own weights, no FP8). Prints a table, then one JSON line (only
+the JSON line with --json).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ from minirl_async.config import Config, load_config
 from minirl_async.graders.base import Sample
 from minirl_async.graders.runner import GraderRunner
 from minirl_async.tasks.base import Prompt, take
-from minirl_async.tasks.generate import generate
+from minirl_async.tasks.generate import Generation, generate
 from minirl_async.tasks.source import make_prompt_source
 from minirl_async.tasks.tokenizer import Tokenizer, load_tokenizer
 
@@ -42,14 +48,36 @@ def _grade(runner: GraderRunner, prompts: list[Prompt], prompt_ids: list[list[in
     return [1.0 if r >= 1.0 else r for r in result.rewards], result.num_errors
 
 
+def _engine_generator(cfg: Config, model: torch.nn.Module, mcfg: Any,
+                      checkpoint: str | Path) -> tuple[Callable[..., Generation], str]:
+    """The sampler engine of the config, loaded with the checkpoint, behind `generate`'s signature."""
+    from minirl_async.engine.base import GenerateRequest, SamplingParams, make_engine
+    from minirl_async.models.hf_io import iter_hf_state
+
+    ecfg = cfg.model_copy(deep=True)
+    ecfg.sampler.capture_routes = False
+    ecfg.sampler.max_batch_size = max(cfg.sampler.max_batch_size, 128)
+    engine = make_engine(ecfg, model_cfg=mcfg, state=iter_hf_state(model), version=0, model_path=str(checkpoint))
+
+    def gen(prompt_ids: list[list[int]], max_new: int, temperature: float, eos_id: int, pad_id: int,
+            seed: int = 0) -> Generation:
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new, stop_token_ids=(eos_id,))
+        reqs = [GenerateRequest(p, replace(params, seed=seed * 1_000_003 + i)) for i, p in enumerate(prompt_ids)]
+        outs = [group[0] for group in engine.generate(reqs)]
+        return Generation([o.response_ids.tolist() for o in outs], [o.finish_reason for o in outs])
+
+    label = f"{cfg.sampler.engine}(fp8={cfg.sampler.fp8}, {cfg.sampler.compute_dtype})"
+    return gen, label
+
+
 def evaluate(cfg: Config, checkpoint: str | Path, num_prompts: int | None = None, k: int | None = None,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, generator: str = "engine") -> dict[str, Any]:
     """Evaluate `checkpoint` (HF folder with tokenizer.json) on the held-out split; returns the figures."""
     from minirl_async.models.hf_io import load_hf
 
     t0 = time.monotonic()
     torch.set_num_threads(cfg.learner.threads)
-    model, _ = load_hf(checkpoint, dtype=torch.float32)
+    model, mcfg = load_hf(checkpoint, dtype=torch.float32)
     model.eval()
     tok = load_tokenizer(cfg, checkpoint)
     n = num_prompts or cfg.data.num_eval
@@ -59,12 +87,18 @@ def evaluate(cfg: Config, checkpoint: str | Path, num_prompts: int | None = None
     prompts = take(make_prompt_source(cfg, "eval"), n)
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
     runner = GraderRunner.from_config(cfg.grader)
+    if generator == "engine":
+        gen_fn, label = _engine_generator(cfg, model, mcfg, checkpoint)
+    elif generator == "plain":
+        gen_fn, label = partial(generate, model), "plain_fp32"
+    else:
+        raise ValueError(f"generator={generator!r}: choose 'engine' or 'plain'")
     try:
-        greedy = generate(model, prompt_ids, max_new, 0.0, tok.eos_id, tok.pad_id, seed=seed)
+        greedy = gen_fn(prompt_ids, max_new, 0.0, tok.eos_id, tok.pad_id, seed=seed)
         g_rewards, g_err = _grade(runner, prompts, prompt_ids, greedy.response_ids, greedy.finish_reasons, tok)
         rep_prompts = [p for p in prompts for _ in range(k)]
         rep_ids = [pi for pi in prompt_ids for _ in range(k)]
-        sampled = generate(model, rep_ids, max_new, temperature, tok.eos_id, tok.pad_id, seed=seed + 1)
+        sampled = gen_fn(rep_ids, max_new, temperature, tok.eos_id, tok.pad_id, seed=seed + 1)
         s_rewards, s_err = _grade(runner, rep_prompts, rep_ids, sampled.response_ids, sampled.finish_reasons, tok)
     finally:
         runner.close()
@@ -87,6 +121,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, num_prompts: int | None = None
         "greedy_len_mean": round(statistics.fmean(len(r) for r in greedy.response_ids), 2),
         "truncated_frac": round(statistics.fmean(float(w == "length") for w in sampled.finish_reasons), 4),
         "grader_errors": g_err + s_err,
+        "generator": label,
         "seconds": round(time.monotonic() - t0, 1),
     }
 

@@ -51,3 +51,17 @@ def test_sft_then_eval_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFix
     for key in ("greedy_acc", "pass@1", "pass@2", "resp_len_mean", "resp_len_max", "truncated_frac"):
         assert key in res
     assert res["num_prompts"] == 8 and 0.0 <= res["pass@1"] <= res["pass@2"] <= 1.0
+
+
+def test_engine_and_plain_loop_agree_greedily(tmp_path: Path) -> None:
+    from minirl_async.tasks.evaluate import evaluate
+    from minirl_async.tasks.sft import train_sft
+
+    cfg = load_config(None, [*MICRO, "data.sft.steps=30", "sampler.fp8=false", "sampler.compute_dtype=fp32",
+                             "data.num_eval=16"])
+    train_sft(cfg, tmp_path / "ck", progress=False)
+    eng = evaluate(cfg, tmp_path / "ck", generator="engine")
+    plain = evaluate(cfg, tmp_path / "ck", generator="plain")
+    assert eng["generator"].startswith("torch_fp8") and plain["generator"] == "plain_fp32"
+    # Same fp32 weights, greedy: the same responses, hence the same accuracy and lengths.
+    assert (eng["greedy_acc"], eng["greedy_len_mean"]) == (plain["greedy_acc"], plain["greedy_len_mean"])
