@@ -1,0 +1,224 @@
+"""SGLang adapter: contract tests against fixtures in SGLang's response format (fixtures/*.json cite the
+source files they follow), a fake `sglang.Engine` for the call sequence of weight updates, and a GPU test
+against the real thing (skipped without a GPU or sglang).
+
+    pytest tests/engine/test_sglang_engine.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from minirl_async.engine.base import GenerateRequest, SamplingParams, WeightUpdateError
+from minirl_async.engine.sglang_engine import SGLangEngine, SGLangFormatError, fp8_wire_tensors, parse_output
+from minirl_async.models.config import ModelConfig
+from minirl_async.models.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_state
+from minirl_async.models.hf_io import iter_hf_state
+from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# P prompt, R response, L layers, K top-k
+
+
+def tiny() -> ModelConfig:
+    return ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1], max_position_embeddings=40)
+
+
+def state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return dict(iter_hf_state(Qwen3MoeForCausalLM(tiny())))
+
+
+OK = json.loads((FIXTURES / "sglang_generate_ok.json").read_text())
+BAD = json.loads((FIXTURES / "sglang_generate_malformed.json").read_text())["cases"]
+
+
+def test_parse_documented_outputs() -> None:
+    cfg = tiny()
+    r0, r1, r2 = (parse_output(o, p, cfg, version=3, want_routes=True) for o, p in zip(OK["outputs"], OK["prompts"]))
+    assert r0.finish_reason == "stop" and r0.response_ids.tolist() == [7, 9, 11]
+    assert torch.equal(r0.logprobs, torch.tensor([-0.5, -1.25, -0.125]))
+    assert r0.versions.tolist() == [3, 3, 3]                      # weight_version "default": ours
+    assert r1.finish_reason == "length" and r1.versions.tolist() == [7] * 4   # numeric weight_version wins
+    for r, full in ((r0, OK["routes_all_layers"][0]), (r1, OK["routes_all_layers"][1])):
+        assert r.routes is not None and r.routes.dtype == torch.uint8
+        assert tuple(r.routes.shape) == (len(r.prompt_ids) + r.num_tokens - 1, 2, 2)
+        assert r.routes.tolist() == [[row[0], row[2]] for row in full]   # dense layer 1 dropped
+    assert r2.finish_reason == "abort" and r2.num_tokens == 0 and r2.error == "Abort before prefill"
+    assert r2.routes is None
+    no_routes = parse_output(OK["outputs"][0], OK["prompts"][0], cfg, version=0, want_routes=False)
+    assert no_routes.routes is None
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_outputs_raise_clear_errors(case: str) -> None:
+    with pytest.raises(SGLangFormatError, match=BAD[case]["expect"].replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[")):
+        parse_output(BAD[case]["output"], [1, 2, 3], tiny(), version=0, want_routes=True)
+
+
+class FakeSGLang:
+    """Stands in for `sglang.Engine`: records calls, answers from the fixture, enforces SGLang's rules
+    (no flush while requests run, update only inside a begin/end session when the session API exists)."""
+
+    def __init__(self, session_api: bool = True, fail_update: bool = False):
+        self.calls: list[str] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.running = 0
+        self.in_session = False
+        self.session_api = session_api
+        self.fail_update = fail_update
+        self.weight_version = "default"
+        if not session_api:
+            self.begin_weight_update = None  # type: ignore[assignment]
+            self.end_weight_update = None  # type: ignore[assignment]
+
+    def generate(self, input_ids: list[list[int]], sampling_params: list[dict[str, Any]], return_logprob: bool,
+                 return_routed_experts: bool) -> list[dict[str, Any]]:
+        self.calls.append("generate")
+        assert return_logprob and len(input_ids) == len(sampling_params)
+        by_prompt = {tuple(p): o for p, o in zip(OK["prompts"], OK["outputs"])}
+        outs = []
+        for ids, sp in zip(input_ids, sampling_params):
+            assert sp["n"] == 1
+            o = json.loads(json.dumps(by_prompt[tuple(ids)]))
+            o["meta_info"]["weight_version"] = self.weight_version
+            o["sampling_params"] = sp
+            outs.append(o)
+        return outs
+
+    def pause_generation(self, mode: str) -> None:
+        self.calls.append(f"pause:{mode}")
+        self.running = 0 if mode == "retract" else self.running
+
+    def continue_generation(self) -> None:
+        self.calls.append("continue")
+
+    def begin_weight_update(self) -> tuple[bool, str]:
+        self.calls.append("begin")
+        self.in_session = True
+        return True, ""
+
+    def end_weight_update(self) -> tuple[bool, str]:
+        self.calls.append("end")
+        self.in_session = False
+        return True, ""
+
+    def update_weights_from_tensor(self, named_tensors: list[tuple[str, torch.Tensor]],
+                                   flush_cache: bool = True) -> tuple[bool, str]:
+        self.calls.append("update")
+        if self.session_api:
+            assert self.in_session, "update outside begin/end"
+        if self.fail_update:
+            return False, "Failed to update parameter online: injected"
+        self.tensors.update(named_tensors)
+        return True, "Succeeded to update parameter online."
+
+    def flush_cache(self) -> bool:
+        self.calls.append("flush")
+        return self.running == 0   # SGLang: a flush with requests in the running batch fails
+
+    def update_weight_version(self, new_version: str) -> None:
+        self.calls.append(f"version:{new_version}")
+        self.weight_version = new_version
+
+
+def test_generate_maps_requests_and_outputs() -> None:
+    fake = FakeSGLang()
+    eng = SGLangEngine(fake, tiny(), version=0)
+    reqs = [GenerateRequest([1, 2, 3], SamplingParams(temperature=0.7, top_k=0, max_new_tokens=8, n=2, seed=5,
+                                                       stop_token_ids=(11,))),
+            GenerateRequest([], SamplingParams()),
+            GenerateRequest([4, 5], SamplingParams(top_p=0.9, top_k=4))]
+    out = eng.generate(reqs)
+    assert [len(r) for r in out] == [2, 1, 1]
+    assert out[1][0].finish_reason == "abort" and "empty prompt" in (out[1][0].error or "")
+    assert out[0][0].response_ids.tolist() == [7, 9, 11] and out[2][0].finish_reason == "length"
+    assert out[0][0].routes is not None and out[0][0].routes.shape == (5, 2, 2)
+
+
+def test_weight_update_sequence_with_fp8_weights_and_scales() -> None:
+    fake = FakeSGLang()
+    fake.running = 2
+    eng = SGLangEngine(fake, tiny(), version=0, fp8=True, fp8_block=8)
+    new = state(1)
+    eng.update_weights(1, new)
+    assert fake.calls == ["pause:retract", "begin", "update", "end", "flush", "version:1", "continue"]
+    name = "model.layers.0.mlp.experts.3.down_proj.weight"
+    assert fake.tensors[name].dtype == FP8_DTYPE and fake.tensors[name + "_scale_inv"].dtype == torch.float32
+    deq = dequantize_block_fp8(fake.tensors[name], fake.tensors[name + "_scale_inv"], 8)
+    assert torch.allclose(deq, new[name], rtol=2 ** -4, atol=2 ** -10 * new[name].abs().max().item())
+    assert fake.tensors["model.layers.0.mlp.gate.weight"].dtype == torch.float32   # router never FP8
+    assert "model.layers.1.mlp.down_proj.weight_scale_inv" in fake.tensors         # dense MLP is FP8
+    assert eng.version == 1
+    fake.calls.clear()
+    eng.update_weights(2, quantize_state(state(2).items(), 8))     # already-FP8 input passes through
+    assert "update" in fake.calls and eng.version == 2
+    out = eng.generate([GenerateRequest([4, 5], SamplingParams())])
+    assert out[0][0].versions.tolist() == [2] * 4                  # SGLang now reports weight_version "2"
+
+
+def test_weight_update_without_session_api_and_refusals() -> None:
+    fake = FakeSGLang(session_api=False)
+    eng = SGLangEngine(fake, tiny(), version=4, fp8=True, fp8_block=8)
+    with pytest.raises(WeightUpdateError, match="not above"):
+        eng.update_weights(4, state())
+    bad = state()
+    bad.pop("model.norm.weight")
+    with pytest.raises(WeightUpdateError, match="missing"):
+        eng.update_weights(5, bad)
+    assert fake.calls == []                                        # nothing reached SGLang
+    eng.update_weights(5, state())
+    assert fake.calls == ["pause:retract", "update", "flush", "version:5", "continue"]
+
+
+def test_failed_sglang_update_blocks_generation_until_a_good_one() -> None:
+    fake = FakeSGLang(fail_update=True)
+    eng = SGLangEngine(fake, tiny(), version=0, fp8=True, fp8_block=8)
+    with pytest.raises(WeightUpdateError, match="injected"):
+        eng.update_weights(1, state())
+    assert fake.calls[-2:] == ["end", "continue"] and eng.version == 0   # session closed, generation resumed
+    with pytest.raises(RuntimeError, match="failed weight update"):
+        eng.generate([GenerateRequest([1, 2, 3], SamplingParams())])
+    fake.fail_update = False
+    eng.update_weights(1, state())
+    assert eng.generate([GenerateRequest([1, 2, 3], SamplingParams())])[0][0].num_tokens == 3
+
+
+def test_fp8_wire_rejects_scale_of_wrong_shape() -> None:
+    items = dict(quantize_state(state().items(), 8))
+    items["model.layers.0.self_attn.q_proj.weight_scale_inv"] = torch.ones(1, 1)
+    with pytest.raises(WeightUpdateError, match="scale_inv has shape"):
+        fp8_wire_tensors(tiny(), items, 8, fp8=True)
+
+
+@pytest.mark.gpu
+def test_real_sglang_engine_roundtrip(tmp_path: Path) -> None:
+    """On a GPU with sglang installed: launch on a tiny FP8 checkpoint, generate with routes, update weights."""
+    pytest.importorskip("sglang")
+    from minirl_async.config import Config
+    from minirl_async.models.hf_io import save_hf
+
+    cfg = Config()
+    cfg.sampler.engine = "sglang"
+    cfg.model.fp8_block_size = 8
+    mcfg = tiny()
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(mcfg).to(torch.bfloat16)
+    save_hf(model, mcfg, tmp_path, fp8_block_size=8)
+    eng = SGLangEngine.from_config(cfg, mcfg, str(tmp_path))
+    try:
+        out = eng.generate([GenerateRequest([1, 2, 3], SamplingParams(max_new_tokens=5, n=2, seed=0))])
+        r = out[0][0]
+        assert r.num_tokens >= 1 and r.routes is not None and r.routes.shape[0] == 3 + r.num_tokens - 1
+        eng.update_weights(1, iter_hf_state(model))
+        assert eng.version == 1
+    finally:
+        eng.engine.shutdown()
