@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -81,3 +82,17 @@ def iter_full_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     from minirl_async.models.hf_io import iter_hf_state
 
     yield from iter_hf_state(model)  # type: ignore[arg-type]
+
+
+def broadcast_groups(groups: list[Any] | None, src: int = 0) -> list[Any]:
+    """Rank `src` passes its list of `Group`s, the other ranks pass None; every rank returns the same list.
+    Uses `torch.distributed.broadcast_object_list` (pickle between the ranks of one learner job only: the
+    wire between processes never carries pickle). Without a process group it returns `groups` unchanged."""
+    rank, world = rank_world()
+    if world == 1:
+        if groups is None:
+            raise ValueError("broadcast_groups: no groups given and no other rank to receive them from")
+        return groups
+    box: list[Any] = [groups if rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return list(box[0])

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from learner_util import make_groups, run_config, tiny_model  # noqa: E402
 
-from minirl_async.learner import Trainer  # noqa: E402
+from minirl_async.learner import Trainer, broadcast_groups  # noqa: E402
 from minirl_async.learner.fsdp import init_distributed  # noqa: E402
 
 STEPS = 3
@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rank, world = init_distributed("cpu")
     model = tiny_model(dtype=dtype)
-    data = batches(model)
+    data = broadcast_groups(batches(model) if rank == 0 else None)   # as the learner service does
     tr = Trainer(run_config(*overrides(compute)), model)
     metrics = [tr.train_step(groups, ["none", "r2", "r3"][s % 3]) for s, groups in enumerate(data)]
     state = {name: t.clone() for name, t in tr.iter_full_state()}
