@@ -91,7 +91,7 @@ def run(quick: bool) -> dict:
         return f"ipc://{tempfile.gettempdir()}/minirl-codec-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
 
     best_codec = best_raw = float("inf")
-    reps = 5  # interleaved, best of each: the machine is shared, single runs are noisy
+    reps = 9  # interleaved, best of each: the machine is shared, single runs are noisy
     for _ in range(reps):
         best_raw = min(best_raw, _pipe(addr(), lambda s, i: s.send_multipart(pre[i % 4], copy=False),
                                        lambda frames: None, num_groups))

@@ -124,7 +124,7 @@ def run(quick: bool) -> dict:
     from minirl_async.proto.stblob import default_checksum_algo
 
     torch.set_num_threads(1)
-    reps = 5  # best of: the machine is shared, single runs are noisy
+    reps = 7  # best of: the machine is shared, single runs are noisy
     state = _state((16 if quick else 256) << 20)
     total = sum(t.numel() * t.element_size() for t in state.values())
     chunk_bytes = int(NetworkSection().weight_chunk_mb * (1 << 20))
