@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,7 +50,7 @@ from minirl_async.algo.logprobs import chunked_logprobs
 from minirl_async.algo.losses import LossConfig, compute_policy_loss
 from minirl_async.algo.metrics import routing_agreement, staleness_kl, train_infer_kl
 from minirl_async.config import Config
-from minirl_async.learner.batch import Batch, Group, collate, validate_group
+from minirl_async.learner.batch import Batch, BatchError, Group, collate, validate_group
 from minirl_async.learner.fsdp import apply_fsdp, full_tensor, iter_full_state, rank_world
 from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM
 from minirl_async.models.routing import Routing
@@ -100,6 +101,7 @@ class Trainer:
         self.chunk = lc.logprob_chunk
         self.num_minibatch_groups = lc.minibatch_groups
         if lc.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it to be deterministic
             torch.use_deterministic_algorithms(True)
         # Master weights: fp32 (fp64 models, used by the numerical tests, stay fp64).
         if model.lm_head.weight.dtype not in (torch.float32, torch.float64):
@@ -148,6 +150,19 @@ class Trainer:
     def _logprobs(self, b: Batch, routing: Routing | None,
                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.policy(b.input_ids_BT, b.targets_BT, routing, self.temperature, self.chunk, with_entropy)
+
+    def invalid_groups(self, groups: Sequence[Group]) -> dict[str, str]:
+        """`{group_id: reason}` for the groups `train_step` would reject (empty when all are fine), so a
+        caller can drop and re-issue them before the step instead of catching `BatchError`."""
+        m = self.mcfg
+        bad = {}
+        for g in groups:
+            try:
+                validate_group(g, vocab_size=m.vocab_size, num_experts=m.num_experts,
+                               num_moe_layers=m.num_moe_layers, top_k=m.num_experts_per_tok)
+            except BatchError as e:
+                bad[g.group_id] = str(e)
+        return bad
 
     def _batches(self, groups: Sequence[Group]) -> list[list[Batch]]:
         """Validate, compute advantages, and split into minibatches (in order) of this rank's micro-batches."""

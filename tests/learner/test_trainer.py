@@ -120,6 +120,7 @@ def test_bad_input_rejected_and_weights_unchanged(model, breakage, message):
     with pytest.raises(BatchError, match=message) as e:
         tr.train_step([good, bad], "none")
     assert "bad-7" in str(e.value) and "sample 1" in str(e.value)
+    assert list(tr.invalid_groups([good, bad])) == ["bad-7"]
     assert torch.equal(_weights(tr), w0) and tr.version == 0
 
 
