@@ -63,7 +63,7 @@ async def _task(coro):
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
-async def test_receive_loop_counts_bad_messages_and_keeps_serving(transport, tcp_addr, ipc_addr):
+async def test_receive_loop_counts_bad_messages_and_keeps_serving(transport, tcp_addr, ipc_addr, caplog):
     addr = tcp_addr if transport == "tcp" else ipc_addr
     ctx = zmq.asyncio.Context()
     pull, push = scored_pull(ctx, addr, OPTS), scored_push(ctx, addr, OPTS)
@@ -83,6 +83,8 @@ async def test_receive_loop_counts_bad_messages_and_keeps_serving(transport, tcp
         assert [m.TYPE for m in got] == ["Heartbeat", "WorkRequest"]
         assert stats.received == 2 and stats.by_type == {"Heartbeat": 1, "WorkRequest": 1}
         assert "exceeds the limit" in stats.last_error
+        logged = [r.getMessage() for r in caplog.records if r.name == "minirl_async.proto"]
+        assert len(logged) == 3 and "protocol version mismatch" in logged[1] and "(3 so far)" in logged[2]
     finally:
         ctx.destroy(linger=0)
 
