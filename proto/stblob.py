@@ -138,7 +138,7 @@ def read_blob(buf: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ProtocolError(f"safetensors header length {hlen} does not fit a {size}-byte blob")
     try:
         header = json.loads(bytes(mv[8:8 + hlen]))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise ProtocolError("safetensors header is not a JSON object")

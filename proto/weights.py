@@ -334,7 +334,7 @@ class WeightReceiver:
             return []
         try:
             splits = json.loads(meta[SPLIT_KEY])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProtocolError(f"{where}: split metadata is not JSON") from None
         if not isinstance(splits, dict):
             raise ProtocolError(f"{where}: split metadata must be a JSON object")

@@ -209,3 +209,16 @@ def test_weight_chunk_with_valid_checksum_but_bad_blob():
                        checksum=checksum(blob, "crc32"), checksum_algo="crc32")
     with pytest.raises(ProtocolError, match="safetensors header is not valid JSON"):
         WeightReceiver().feed(decode(_frames(msg)))
+
+
+def test_deeply_nested_safetensors_header():
+    import struct
+
+    from minirl_async.proto.stblob import checksum
+
+    raw = b"[" * 100_000 + b"]" * 100_000
+    blob = struct.pack("<Q", len(raw)) + raw
+    msg = WeightUpdate(version=1, chunk_index=0, num_chunks=1, num_tensors=1, blob=blob,
+                       checksum=checksum(blob, "crc32"), checksum_algo="crc32")
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        WeightReceiver().feed(msg)
