@@ -75,12 +75,20 @@ def _lr_at(step: int, total: int, peak: float) -> float:
 
 def train_sft(cfg: Config, out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Run cold-start SFT and save the checkpoint; returns a summary (steps, seconds, final loss/accuracy)."""
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.data.sft.threads)
+    try:
+        return _train_sft(cfg, out_dir, progress)
+    finally:
+        torch.set_num_threads(prev_threads)  # the launcher calls us in-process before it evaluates
+
+
+def _train_sft(cfg: Config, out_dir: str | Path | None, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     from minirl_async.models.hf_io import save_hf
 
     s = cfg.data.sft
-    torch.set_num_threads(cfg.learner.threads)
     out = Path(out_dir) if out_dir else Path(cfg.run.dir) / "sft"
     tok = load_tokenizer(cfg)
     model, mcfg = build_model(cfg, tok)

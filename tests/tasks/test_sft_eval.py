@@ -20,7 +20,7 @@ from minirl_async.tasks.tokenizer import build_char_tokenizer
 MICRO = ["model.arch.hidden_size=32", "model.arch.intermediate_size=32", "model.arch.moe_intermediate_size=16",
          "model.arch.num_hidden_layers=1", "model.arch.num_attention_heads=2", "model.arch.num_key_value_heads=1",
          "model.arch.head_dim=16", "model.arch.num_experts=2", "model.arch.num_experts_per_tok=1",
-         "data.task=list", "data.difficulty=1", "data.sft.batch_size=16", "data.sft.lr=1e-2",
+         "data.task=list", "data.difficulty=1", "data.sft.batch_size=16", "data.sft.lr=1e-2", "data.sft.threads=1",
          "data.num_eval=8", "data.eval_samples=2", "sampler.max_new_tokens=8", "run.progress=false"]
 
 
