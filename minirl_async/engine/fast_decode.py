@@ -8,8 +8,13 @@ densely over all E experts with the non-routed ones zero-weighted, which spends 
 but far fewer calls; it is used for decode (few tokens per step), while prefill runs the model's own
 sparse forward (`Qwen3MoeForCausalLM.forward_hidden`), which writes the same cache.
 
-Packing costs no memory: `pack_params` builds the packed tensors and returns the model's parameters as
-VIEWS into them (the model object stays the single source of truth for prefill and for tests).
+Packing costs no memory when all matmuls run in the compute dtype: `pack_params` builds the packed tensors
+and returns the model's parameters as VIEWS into them (the model stays the single source of truth for
+prefill and tests). On CPU with bf16 compute, the small matmuls (q/k/v, o, lm_head) and attention instead
+run fp32 kernels on the same bf16 values (`mm_dtype=float32`, KV cache in float32): CPU bf16 kernels carry a
+fixed ~20-40 us set-up per call that dominates these tiny shapes, while a bf16 GEMM accumulates in fp32 and
+rounds its output once anyway, so the numbers agree up to summation order. Those projections are then
+held twice (bf16 for the model, fp32 packed); the big expert matmuls stay bf16 (AMX on recent Xeons).
 
 Numerics follow the model exactly (same norms, rotary, router softmax in float32, top-k, gate
 renormalisation); only summation order differs (the dense expert sum, the routing weight applied before the
@@ -32,15 +37,24 @@ from minirl_async.models.routing import replay_gates, router_probs
 
 
 @dataclass
+class Packed:
+    layers: list[PackedLayer]
+    lm_head: torch.Tensor               # [V, D] in mm_dtype
+
+
+@dataclass
 class PackedLayer:
     qkv: torch.Tensor                   # [(H + 2G) d, D]
+    qk_norm: torch.Tensor               # [H + G, d]: q_norm weight per query head, then k_norm per kv head
     o: torch.Tensor                     # [D, H d]
     moe_in: torch.Tensor | None         # [E 2F + E, D]: every expert's gate/up rows, then the router
     down: torch.Tensor | None           # [D, E F]: every expert's down projection side by side
 
 
-def pack_params(cfg: ModelConfig, params: dict[str, torch.Tensor]) -> tuple[list[PackedLayer], dict[str, torch.Tensor]]:
-    """Packed per-layer weights and the model parameters re-expressed as views into them."""
+def pack_params(cfg: ModelConfig, params: dict[str, torch.Tensor],
+                mm_dtype: torch.dtype | None = None) -> tuple[Packed, dict[str, torch.Tensor]]:
+    """Packed weights and the model parameters (views into the packed ones where dtypes agree).
+    `mm_dtype`: dtype of the q/k/v, o and lm_head matmuls (None: the parameters' dtype)."""
     E, Fe, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
     out = dict(params)
     layers: list[PackedLayer] = []
@@ -48,11 +62,14 @@ def pack_params(cfg: ModelConfig, params: dict[str, torch.Tensor]) -> tuple[list
         p = f"model.layers.{i}."
         names = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
         qkv = torch.cat([params[n] for n in names])
-        off = 0
-        for n in names:
-            rows = params[n].shape[0]
-            out[n] = qkv[off: off + rows]
-            off += rows
+        if mm_dtype is not None and mm_dtype != qkv.dtype:
+            qkv = qkv.to(mm_dtype)
+        else:
+            off = 0
+            for n in names:
+                rows = params[n].shape[0]
+                out[n] = qkv[off: off + rows]
+                off += rows
         moe_in = down = None
         if cfg.is_moe_layer(i):
             gu, dn, gate = (params[p + "mlp.experts.gate_up_proj"], params[p + "mlp.experts.down_proj"],
@@ -62,8 +79,13 @@ def pack_params(cfg: ModelConfig, params: dict[str, torch.Tensor]) -> tuple[list
             out[p + "mlp.gate.weight"] = moe_in[E * 2 * Fe:]
             down = dn.permute(1, 0, 2).reshape(D, E * Fe).contiguous()          # [D, E F]
             out[p + "mlp.experts.down_proj"] = down.view(D, E, Fe).permute(1, 0, 2)   # [E, D, F] view
-        layers.append(PackedLayer(qkv, params[p + "self_attn.o_proj.weight"], moe_in, down))
-    return layers, out
+        H, G = cfg.num_attention_heads, cfg.num_key_value_heads
+        qk_norm = torch.cat([params[p + "self_attn.q_norm.weight"].expand(H, -1),
+                             params[p + "self_attn.k_norm.weight"].expand(G, -1)])
+        o = params[p + "self_attn.o_proj.weight"]
+        layers.append(PackedLayer(qkv, qk_norm, o.to(mm_dtype) if mm_dtype is not None else o, moe_in, down))
+    head = params.get("lm_head.weight", params["model.embed_tokens.weight"])   # tied: absent from params
+    return Packed(layers, head.to(mm_dtype) if mm_dtype is not None else head), out
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -78,12 +100,20 @@ def _rope(x_BHd: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tensor) -> to
     return x_BHd * cos_Bd[:, None] + torch.cat((-x2, x1), dim=-1) * sin_Bd[:, None]
 
 
+def rope_table(cfg: ModelConfig, max_len: int, dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[max_len, d]` of every position, computed exactly as the model computes them per forward."""
+    cos, sin = rotary_cos_sin(torch.arange(max_len, device=device)[None], cfg.head_dim, cfg.rope_theta, dtype)
+    return cos[0], sin[0]
+
+
 @torch.inference_mode()
-def decode_step(model: Qwen3MoeForCausalLM, packed: list[PackedLayer], cache_k: torch.Tensor,
-                cache_v: torch.Tensor, ids_B: torch.Tensor, pos_B: torch.Tensor, record: bool
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def decode_step(model: Qwen3MoeForCausalLM, packed: Packed, cache_k: torch.Tensor,
+                cache_v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ids_B: torch.Tensor,
+                pos_B: torch.Tensor, record: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Feed one token per row (rows 0..B-1 of the cache, token at `pos_B`), return logits `[B, V]` and, if
-    `record`, the routed experts `[B, L_moe, K]` (int64). The new keys/values are written into the cache."""
+    `record`, the routed experts `[B, L_moe, K]` (int64). The new keys/values are written into the cache.
+    `rope` is `rope_table(...)` of the compute dtype."""
     cfg = model.config
     B = ids_B.shape[0]
     H, G, d, E, K, Fe = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_experts,
@@ -93,23 +123,22 @@ def decode_step(model: Qwen3MoeForCausalLM, packed: list[PackedLayer], cache_k: 
     rows_B = torch.arange(B, device=ids_B.device)
     mask_B11S = (torch.arange(S, device=ids_B.device)[None, :] <= pos_B[:, None])[:, None, None, :]
     x_BD = model.model.embed_tokens(ids_B)
-    cos_Bd, sin_Bd = rotary_cos_sin(pos_B[:, None], d, cfg.rope_theta, x_BD.dtype)
-    cos_Bd, sin_Bd = cos_Bd[:, 0], sin_Bd[:, 0]
+    cos_Bd, sin_Bd = rope[0][pos_B], rope[1][pos_B]
+    dt, mdt, kdt = x_BD.dtype, packed.lm_head.dtype, cache_k.dtype
     routes: list[torch.Tensor] = []
-    for li, (layer, pk) in enumerate(zip(model.model.layers, packed)):
-        attn = layer.self_attn
-        qkv_BX = F.linear(_norm(x_BD, layer.input_layernorm.weight, eps), pk.qkv)
-        q_BHd = _norm(qkv_BX[:, : H * d].view(B, H, d), attn.q_norm.weight, eps)
-        k_BGd = _norm(qkv_BX[:, H * d: (H + G) * d].view(B, G, d), attn.k_norm.weight, eps)
+    for li, (layer, pk) in enumerate(zip(model.model.layers, packed.layers)):
+        qkv_BX = F.linear(_norm(x_BD, layer.input_layernorm.weight, eps).to(mdt), pk.qkv).to(dt)
+        # q and k heads normalised and rotated together (per-head ops: the same numbers as separately)
+        qk_BXd = _rope(_norm(qkv_BX[:, : (H + G) * d].view(B, H + G, d), pk.qk_norm, eps), cos_Bd, sin_Bd)
+        q_BHd, k_BGd = qk_BXd[:, :H], qk_BXd[:, H:]
         v_BGd = qkv_BX[:, (H + G) * d:].view(B, G, d)
-        q_BHd, k_BGd = _rope(q_BHd, cos_Bd, sin_Bd), _rope(k_BGd, cos_Bd, sin_Bd)
         ck, cv = cache_k[li], cache_v[li]
-        ck[rows_B, :, pos_B] = k_BGd
-        cv[rows_B, :, pos_B] = v_BGd
+        ck[rows_B, :, pos_B] = k_BGd.to(kdt)
+        cv[rows_B, :, pos_B] = v_BGd.to(kdt)
         # Grouped-query attention without repeating k/v: query head h = g*r + j uses kv head g.
-        o_BGrd = F.scaled_dot_product_attention(q_BHd.view(B, G, r, d), ck[:B, :, :S], cv[:B, :, :S],
+        o_BGrd = F.scaled_dot_product_attention(q_BHd.reshape(B, G, r, d).to(kdt), ck[:B, :, :S], cv[:B, :, :S],
                                                 attn_mask=mask_B11S)
-        x_BD = x_BD + F.linear(o_BGrd.reshape(B, H * d), pk.o)
+        x_BD = x_BD + F.linear(o_BGrd.reshape(B, H * d).to(dt).to(mdt), pk.o).to(dt)
         h_BD = _norm(x_BD, layer.post_attention_layernorm.weight, eps)
         if pk.moe_in is None:
             x_BD = x_BD + layer.mlp(h_BD)
@@ -125,5 +154,5 @@ def decode_step(model: Qwen3MoeForCausalLM, packed: list[PackedLayer], cache_k: 
         x_BD = x_BD + F.linear(act_BEF.reshape(B, E * Fe), pk.down)
         if record:
             routes.append(idx_BK)
-    logits_BV = F.linear(_norm(x_BD, model.model.norm.weight, eps), model.lm_head.weight)
+    logits_BV = F.linear(_norm(x_BD, model.model.norm.weight, eps).to(mdt), packed.lm_head)
     return logits_BV, (torch.stack(routes, dim=1) if record and routes else None)

@@ -50,7 +50,7 @@ from minirl_async.engine.base import (
     WeightUpdateError,
     aborted,
 )
-from minirl_async.engine.fast_decode import PackedLayer, decode_step, pack_params
+from minirl_async.engine.fast_decode import Packed, decode_step, pack_params, rope_table
 from minirl_async.engine.kv_cache import SlotKVCache
 from minirl_async.engine.sampling import sample_tokens
 from minirl_async.engine.weights import prepare_update
@@ -97,14 +97,18 @@ class TorchFP8Engine:
         self.capture_routes = capture_routes and model_cfg.num_moe_layers > 0
         self.interruptible = interruptible
         self.packed_decode = packed_decode  # fast_decode.py; False: decode through the model's own forward
-        self._packed: list[PackedLayer] = []
+        self._packed: Packed | None = None
+        # CPU + bf16: fp32 kernels for the small matmuls and attention (fast_decode.py explains why)
+        cpu_bf16 = self.device.type == "cpu" and dtype == torch.bfloat16
+        self._mm_dtype = torch.float32 if cpu_bf16 and packed_decode else None
+        kv_dtype = torch.float32 if cpu_bf16 and packed_decode else dtype
         self._seed_rng = random.Random(seed)  # seeds of unseeded requests
         self.model = Qwen3MoeForCausalLM(model_cfg).to(device=self.device, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self._version = -1
         S, C, dev = self.max_slots, self.max_context, self.device
         self.cache = SlotKVCache(model_cfg.num_hidden_layers, S, model_cfg.num_key_value_heads, C,
-                                 model_cfg.head_dim, dtype, dev)
+                                 model_cfg.head_dim, kv_dtype, dev)
         # Per-slot state; rows 0..n-1 are the active sequences (compacted on finish).
         self._last = torch.zeros(S, dtype=torch.long, device=dev)     # token to feed next
         self._pos = torch.zeros(S, dtype=torch.long, device=dev)      # its position
@@ -118,6 +122,7 @@ class TorchFP8Engine:
         rdt = routes_dtype(max(model_cfg.num_experts, 1))
         self._routes = torch.zeros(S, C, L, K, dtype=rdt) if self.capture_routes else None
         self._arange_C = torch.arange(C, device=dev)
+        self._rope = rope_table(model_cfg, C, dtype, dev)
         # Version-boundary coordination between the generate thread and updaters / pause.
         self._cv = threading.Condition()
         self._busy = False
@@ -150,7 +155,7 @@ class TorchFP8Engine:
         except WeightUpdateError:
             self._stats["refused_updates"] += 1
             raise
-        packed, new = pack_params(self.cfg, new)   # model parameters become views into the packed weights
+        packed, new = pack_params(self.cfg, new, self._mm_dtype)   # params become views into packed weights
         params = dict(self.model.named_parameters())
         assert set(params) == set(new), sorted(set(params) ^ set(new))[:5]
         with self._cv:
@@ -303,7 +308,8 @@ class TorchFP8Engine:
         pos_B = self._pos[:n]
         routes_BLK: torch.Tensor | None
         if self.packed_decode:
-            logits_BV, routes_BLK = decode_step(self.model, self._packed, self.cache.k, self.cache.v,
+            assert self._packed is not None
+            logits_BV, routes_BLK = decode_step(self.model, self._packed, self.cache.k, self.cache.v, self._rope,
                                                 self._last[:n], pos_B, self.capture_routes)
         else:
             S = int(pos_B.max()) + 1
