@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from minirl_async.config import Config, load_config
 
@@ -115,3 +116,14 @@ def sanity_errors(cfg: Config) -> list[str]:
     if cfg.staleness.lease_s <= cfg.run.fake_step_s and cfg.run.fake_compute:
         errors.append("staleness.lease_s must exceed run.fake_step_s, or every group expires before it returns")
     return errors
+
+
+def start_curve_auth(ctx: Any, net: Any) -> Any:
+    """For a process that binds: with CurveZMQ configured, a ZAP authenticator that admits only the client
+    public keys in `network.curve_allowed_clients` (any holder of the server key when that is empty).
+    Returns it (call `.stop()` at shutdown) or None without CURVE."""
+    if not net.curve_server_key:
+        return None
+    from minirl_async.proto.sockets import start_authenticator
+
+    return start_authenticator(ctx, net.curve_allowed_clients or None)

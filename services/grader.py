@@ -36,6 +36,7 @@ from minirl_async.services.common import (
     nth_addr,
     set_threads,
     setup_logging,
+    start_curve_auth,
 )
 
 from minirl_async.config import Config
@@ -78,6 +79,7 @@ class GraderService:
         runner = GraderRunner.from_config(self.cfg.grader)  # a grader that cannot load fails here, loudly
         tok = load_tokenizer(self.cfg, self.cfg.run.sft_checkpoint or None)
         ctx = zmq.asyncio.Context()
+        auth = start_curve_auth(ctx, self.cfg.network)
         opts = SocketOptions.from_config(self.cfg.network)
         pull = rollout_pull(ctx, nth_addr(self.cfg.network.rollout_addr, self.index), opts)
         push = scored_push(ctx, self.cfg.network.scored_addr, opts)
@@ -113,6 +115,8 @@ class GraderService:
             runner.close()
             pull.close(linger=0)
             push.close(linger=0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
         self.log.info("stopped after %d groups; grader stats %s; bad messages %d", self.graded_groups,
                       runner.stats(), self.stats.errors)

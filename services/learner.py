@@ -59,6 +59,7 @@ from minirl_async.services.common import (
     sanity_errors,
     set_threads,
     setup_logging,
+    start_curve_auth,
 )
 from minirl_async.services.compute import make_trainer
 
@@ -305,6 +306,7 @@ class LearnerHub:
         self.runlog.event(f"learner start pid={os.getpid()} version={self.controller.version} "
                           f"eta={cfg.staleness.max_staleness} N={cfg.num_minibatches}")
         ctx = zmq.asyncio.Context()
+        auth = start_curve_auth(ctx, self.cfg.network)
         opts = SocketOptions.from_config(net)
         router = work_router(ctx, net.work_addr, opts)
         pub = weights_pub(ctx, net.weights_addr, opts)
@@ -352,6 +354,8 @@ class LearnerHub:
             await asyncio.gather(trainer_task, stopper, *tasks, return_exceptions=True)
             for s in (router, pub, pull):
                 s.close(linger=0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
             self.runlog.close()
         return code

@@ -191,3 +191,46 @@ def test_real_two_rank_learner_under_torchrun(tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "run")] == [0, 1, 2]
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert len(list((tmp_path / "run" / "checkpoints").glob("step_*"))) == 2
+
+
+def test_curve_encrypted_pipeline(tmp_path):
+    """CurveZMQ on every socket (keys written by `minirl-async keys`, clients allow-listed): the run completes;
+    a plain-text peer cannot inject anything (its handshake fails, so nothing even reaches the decoder)."""
+    import shutil
+    import subprocess
+    import time
+
+    import zmq
+
+    keys = tmp_path / "keys"
+    for name in ("server", "client"):
+        subprocess.run([sys.executable, "-m", "minirl_async.cli", "keys", str(keys), "--name", name], check=True,
+                       capture_output=True, timeout=60)
+    (keys / "clients").mkdir()
+    shutil.copy(keys / "client.key", keys / "clients" / "client.key")
+    net = net_overrides()
+    scored = [kv.split("=")[1] for kv in net if kv.startswith("network.scored_addr")][0]
+    curve = [f"network.curve_server_key={keys / 'server.key_secret'}",
+             f"network.curve_client_key={keys / 'client.key_secret'}",
+             f"network.curve_server_public={keys / 'server.key'}", f"network.curve_allowed_clients={keys / 'clients'}"]
+    cmd = [sys.executable, "-m", "minirl_async.cli", "run", "-c", "configs/tiny.toml", f"run.dir={tmp_path / 'run'}",
+           *FAKE, *net, *curve, "learner.num_steps=4", "run.fake_step_s=0.1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    ctx = zmq.Context()
+    try:
+        while not (tmp_path / "run" / "metrics.jsonl").is_file() and proc.poll() is None:
+            time.sleep(0.1)
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(scored)
+        s.send_multipart([b"plain-text junk"])
+        out, _ = proc.communicate(timeout=120)
+        s.close()
+    finally:
+        ctx.term()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 4 and rows[-1]["pipeline/bad_messages"] == 0 and rows[-1]["pipeline/lost"] == 0
