@@ -8,13 +8,13 @@ densely over all E experts with the non-routed ones zero-weighted, which spends 
 but far fewer calls; it is used for decode (few tokens per step), while prefill runs the model's own
 sparse forward (`Qwen3MoeForCausalLM.forward_hidden`), which writes the same cache.
 
-Packing costs no memory when all matmuls run in the compute dtype: `pack_params` builds the packed tensors
-and returns the model's parameters as VIEWS into them (the model stays the single source of truth for
-prefill and tests). On CPU with bf16 compute, the small matmuls (q/k/v, o, lm_head) and attention instead
-run fp32 kernels on the same bf16 values (`mm_dtype=float32`, KV cache in float32): CPU bf16 kernels carry a
-fixed ~20-40 us set-up per call that dominates these tiny shapes, while a bf16 GEMM accumulates in fp32 and
-rounds its output once anyway, so the numbers agree up to summation order. Those projections are then
-held twice (bf16 for the model, fp32 packed); the big expert matmuls stay bf16 (AMX on recent Xeons).
+Packing costs no memory: `pack_params` builds the packed tensors and returns the model's parameters as
+VIEWS into them (the model object stays the single source of truth for prefill and for tests).
+
+Tried and dropped (sampler bench, CPU, 2026-11): fp32 kernels for the small matmuls and attention under
+bf16 (~4%, within noise, at the cost of a second copy of those weights and an fp32 KV cache);
+`torch.compile` of this step (2 minutes of compilation and a 2x slower step on CPU); oneDNN weight
+prepacking (no change); a padded-bmm sparse expert path (slower than dense below ~64 rows per step).
 
 Numerics follow the model exactly (same norms, rotary, router softmax in float32, top-k, gate
 renormalisation); only summation order differs (the dense expert sum, the routing weight applied before the
@@ -39,7 +39,7 @@ from minirl_async.models.routing import replay_gates, router_probs
 @dataclass
 class Packed:
     layers: list[PackedLayer]
-    lm_head: torch.Tensor               # [V, D] in mm_dtype
+    lm_head: torch.Tensor               # [V, D]
 
 
 @dataclass
@@ -51,10 +51,8 @@ class PackedLayer:
     down: torch.Tensor | None           # [D, E F]: every expert's down projection side by side
 
 
-def pack_params(cfg: ModelConfig, params: dict[str, torch.Tensor],
-                mm_dtype: torch.dtype | None = None) -> tuple[Packed, dict[str, torch.Tensor]]:
-    """Packed weights and the model parameters (views into the packed ones where dtypes agree).
-    `mm_dtype`: dtype of the q/k/v, o and lm_head matmuls (None: the parameters' dtype)."""
+def pack_params(cfg: ModelConfig, params: dict[str, torch.Tensor]) -> tuple[Packed, dict[str, torch.Tensor]]:
+    """Packed weights and the model parameters re-expressed as views into them."""
     E, Fe, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
     out = dict(params)
     layers: list[PackedLayer] = []
@@ -62,14 +60,11 @@ def pack_params(cfg: ModelConfig, params: dict[str, torch.Tensor],
         p = f"model.layers.{i}."
         names = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
         qkv = torch.cat([params[n] for n in names])
-        if mm_dtype is not None and mm_dtype != qkv.dtype:
-            qkv = qkv.to(mm_dtype)
-        else:
-            off = 0
-            for n in names:
-                rows = params[n].shape[0]
-                out[n] = qkv[off: off + rows]
-                off += rows
+        off = 0
+        for n in names:
+            rows = params[n].shape[0]
+            out[n] = qkv[off: off + rows]
+            off += rows
         moe_in = down = None
         if cfg.is_moe_layer(i):
             gu, dn, gate = (params[p + "mlp.experts.gate_up_proj"], params[p + "mlp.experts.down_proj"],
@@ -82,10 +77,9 @@ def pack_params(cfg: ModelConfig, params: dict[str, torch.Tensor],
         H, G = cfg.num_attention_heads, cfg.num_key_value_heads
         qk_norm = torch.cat([params[p + "self_attn.q_norm.weight"].expand(H, -1),
                              params[p + "self_attn.k_norm.weight"].expand(G, -1)])
-        o = params[p + "self_attn.o_proj.weight"]
-        layers.append(PackedLayer(qkv, qk_norm, o.to(mm_dtype) if mm_dtype is not None else o, moe_in, down))
+        layers.append(PackedLayer(qkv, qk_norm, params[p + "self_attn.o_proj.weight"], moe_in, down))
     head = params.get("lm_head.weight", params["model.embed_tokens.weight"])   # tied: absent from params
-    return Packed(layers, head.to(mm_dtype) if mm_dtype is not None else head), out
+    return Packed(layers, head), out
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,21 +118,20 @@ def decode_step(model: Qwen3MoeForCausalLM, packed: Packed, cache_k: torch.Tenso
     mask_B11S = (torch.arange(S, device=ids_B.device)[None, :] <= pos_B[:, None])[:, None, None, :]
     x_BD = model.model.embed_tokens(ids_B)
     cos_Bd, sin_Bd = rope[0][pos_B], rope[1][pos_B]
-    dt, mdt, kdt = x_BD.dtype, packed.lm_head.dtype, cache_k.dtype
     routes: list[torch.Tensor] = []
     for li, (layer, pk) in enumerate(zip(model.model.layers, packed.layers)):
-        qkv_BX = F.linear(_norm(x_BD, layer.input_layernorm.weight, eps).to(mdt), pk.qkv).to(dt)
+        qkv_BX = F.linear(_norm(x_BD, layer.input_layernorm.weight, eps), pk.qkv)
         # q and k heads normalised and rotated together (per-head ops: the same numbers as separately)
         qk_BXd = _rope(_norm(qkv_BX[:, : (H + G) * d].view(B, H + G, d), pk.qk_norm, eps), cos_Bd, sin_Bd)
         q_BHd, k_BGd = qk_BXd[:, :H], qk_BXd[:, H:]
         v_BGd = qkv_BX[:, (H + G) * d:].view(B, G, d)
         ck, cv = cache_k[li], cache_v[li]
-        ck[rows_B, :, pos_B] = k_BGd.to(kdt)
-        cv[rows_B, :, pos_B] = v_BGd.to(kdt)
+        ck[rows_B, :, pos_B] = k_BGd
+        cv[rows_B, :, pos_B] = v_BGd
         # Grouped-query attention without repeating k/v: query head h = g*r + j uses kv head g.
-        o_BGrd = F.scaled_dot_product_attention(q_BHd.reshape(B, G, r, d).to(kdt), ck[:B, :, :S], cv[:B, :, :S],
+        o_BGrd = F.scaled_dot_product_attention(q_BHd.reshape(B, G, r, d), ck[:B, :, :S], cv[:B, :, :S],
                                                 attn_mask=mask_B11S)
-        x_BD = x_BD + F.linear(o_BGrd.reshape(B, H * d).to(dt).to(mdt), pk.o).to(dt)
+        x_BD = x_BD + F.linear(o_BGrd.reshape(B, H * d), pk.o)
         h_BD = _norm(x_BD, layer.post_attention_layernorm.weight, eps)
         if pk.moe_in is None:
             x_BD = x_BD + layer.mlp(h_BD)
@@ -154,5 +147,5 @@ def decode_step(model: Qwen3MoeForCausalLM, packed: Packed, cache_k: torch.Tenso
         x_BD = x_BD + F.linear(act_BEF.reshape(B, E * Fe), pk.down)
         if record:
             routes.append(idx_BK)
-    logits_BV = F.linear(_norm(x_BD, model.model.norm.weight, eps).to(mdt), packed.lm_head)
+    logits_BV = F.linear(_norm(x_BD, model.model.norm.weight, eps), packed.lm_head)
     return logits_BV, (torch.stack(routes, dim=1) if record and routes else None)

@@ -1,7 +1,6 @@
 """Static per-slot KV cache of the embedded engine, plugged into the model's `kv_cache` hook.
 
-Buffers are preallocated once: keys and values `[layers, slots, Hkv, S_max, hd]` (compute dtype, or float32
-under bf16 on CPU), so
+Buffers are preallocated once: keys and values `[layers, slots, Hkv, S_max, hd]` in the compute dtype, so
 decoding never allocates cache memory. Active sequences always occupy slots `0..n-1` (the engine compacts
 by moving the last active slot into a freed one), which lets every read be a plain slice (a view, no
 gather). Before each forward the engine `bind`s the rows and the write positions; the model then calls
@@ -55,9 +54,7 @@ class SlotKVCache:
         # the value must be [B, T, H, d].
         k_l[self._row_idx_B1, :, self._pos_BT] = k_BHTd.transpose(1, 2).to(k_l.dtype)
         v_l[self._row_idx_B1, :, self._pos_BT] = v_BHTd.transpose(1, 2).to(v_l.dtype)
-        k, v = k_l[self._rows, :, : self._S], v_l[self._rows, :, : self._S]
-        # A float32 cache under a bf16 model (CPU, see fast_decode.py) hands the model its own dtype back.
-        return k.to(k_BHTd.dtype), v.to(v_BHTd.dtype)
+        return k_l[self._rows, :, : self._S], v_l[self._rows, :, : self._S]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` (all layers)."""

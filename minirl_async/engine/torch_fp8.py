@@ -98,17 +98,13 @@ class TorchFP8Engine:
         self.interruptible = interruptible
         self.packed_decode = packed_decode  # fast_decode.py; False: decode through the model's own forward
         self._packed: Packed | None = None
-        # CPU + bf16: fp32 kernels for the small matmuls and attention (fast_decode.py explains why)
-        cpu_bf16 = self.device.type == "cpu" and dtype == torch.bfloat16
-        self._mm_dtype = torch.float32 if cpu_bf16 and packed_decode else None
-        kv_dtype = torch.float32 if cpu_bf16 and packed_decode else dtype
         self._seed_rng = random.Random(seed)  # seeds of unseeded requests
         self.model = Qwen3MoeForCausalLM(model_cfg).to(device=self.device, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self._version = -1
         S, C, dev = self.max_slots, self.max_context, self.device
         self.cache = SlotKVCache(model_cfg.num_hidden_layers, S, model_cfg.num_key_value_heads, C,
-                                 model_cfg.head_dim, kv_dtype, dev)
+                                 model_cfg.head_dim, dtype, dev)
         # Per-slot state; rows 0..n-1 are the active sequences (compacted on finish).
         self._last = torch.zeros(S, dtype=torch.long, device=dev)     # token to feed next
         self._pos = torch.zeros(S, dtype=torch.long, device=dev)      # its position
@@ -155,7 +151,7 @@ class TorchFP8Engine:
         except WeightUpdateError:
             self._stats["refused_updates"] += 1
             raise
-        packed, new = pack_params(self.cfg, new, self._mm_dtype)   # params become views into packed weights
+        packed, new = pack_params(self.cfg, new)   # model parameters become views into the packed weights
         params = dict(self.model.named_parameters())
         assert set(params) == set(new), sorted(set(params) ^ set(new))[:5]
         with self._cv:

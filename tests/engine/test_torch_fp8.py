@@ -339,8 +339,8 @@ def test_fp8_gap_to_bf16_learner_is_small_and_measured() -> None:
 
 
 def test_cpu_bf16_packed_decode_agrees_with_the_model_path() -> None:
-    """bf16 on CPU: the packed decode runs its small matmuls and attention with fp32 kernels on bf16 values;
-    it must agree with decoding through the model's own bf16 forward up to bf16 rounding."""
+    """bf16: the packed decode (fused q/k/v, dense experts, other summation orders) agrees with decoding
+    through the model's own bf16 forward up to bf16 rounding."""
     cfg = tiny()
     model = model64(cfg, seed=9, std=0.1).to(torch.bfloat16)
     outs = []
