@@ -218,6 +218,9 @@ class SFTSection(_Section):
     """Stop SFT after this much wall time even if steps remain."""
     threads: int = Field(1, ge=1)
     """torch threads of SFT (2 halves the time on an idle machine; on a busy one extra threads only wait)."""
+    slip: float = Field(0.0, ge=0, lt=1)
+    """Probability of a deliberate slip per worked-solution step (imperfect demonstrations): the cold start
+    then samples slips at about this rate, which RL can remove. 0 = clean solutions."""
 
 
 class DataSection(_Section):

@@ -3,7 +3,8 @@ response tokens only, then save an HF-format checkpoint with its tokenizer.json.
 
     minirl-async sft -c configs/tiny.toml [key=value ...] [--out DIR]     # default DIR: <run.dir>/sft
 
-Settings live in `[data.sft]` (steps, batch_size, lr, max_minutes); the task in `[data]`; the model in
+Settings live in `[data.sft]` (steps, batch_size, lr, max_minutes, slip: the rate of deliberate slips in
+the worked solutions, emulating imperfect demonstrations); the task in `[data]`; the model in
 `[model.arch]`. The progress bar shows the loss and two teacher-forced accuracies on the batch: per response
 token (`tok`) and whole response (`seq`, every token right: a proxy for greedy accuracy).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -25,18 +27,22 @@ import torch.nn.functional as F
 from minirl_async.config import Config, load_config
 from minirl_async.tasks.base import Prompt, take
 from minirl_async.tasks.source import make_prompt_source
+from minirl_async.tasks.synthetic import noisy_solution
 from minirl_async.tasks.tokenizer import Tokenizer, load_tokenizer
 
 
-def sft_batch(prompts: list[Prompt], tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids_BT, target_ids_BT, loss_mask_BT): next-token targets, mask True on response targets."""
+def sft_batch(prompts: list[Prompt], tok: Tokenizer, slip: float = 0.0,
+              rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids_BT, target_ids_BT, loss_mask_BT): next-token targets, mask True on response targets.
+    With `slip` > 0 the targets are worked solutions with slips (`synthetic.noisy_solution`)."""
     seqs, starts = [], []
+    rng = rng or random.Random(0)
     for p in prompts:
         if p.solution is None:
             raise ValueError(f"prompt {p.uid!r} has no 'solution': cold-start SFT needs worked solutions "
                              "(synthetic tasks have them; JSONL lines need a 'solution' field)")
         prompt_ids = tok.encode_prompt(p)
-        seqs.append(prompt_ids + tok.encode_response(p.solution))
+        seqs.append(prompt_ids + tok.encode_response(noisy_solution(p, rng, slip)))
         starts.append(len(prompt_ids))
     T = max(len(s) for s in seqs) - 1
     inp_BT = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
@@ -95,6 +101,7 @@ def _train_sft(cfg: Config, out_dir: str | Path | None, progress: bool) -> dict[
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=0.0)
     source = make_prompt_source(cfg, "train")
+    slip_rng = random.Random(f"slip:{cfg.data.seed}")
     t0 = time.monotonic()
     bar = tqdm(range(s.steps), desc="sft", disable=not progress, dynamic_ncols=True)
     ema: dict[str, float] = {}
@@ -109,7 +116,7 @@ def _train_sft(cfg: Config, out_dir: str | Path | None, progress: bool) -> dict[
         lr = _lr_at(step, max(planned, step + 1), s.lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        inp_BT, tgt_BT, mask_BT = sft_batch(take(source, s.batch_size), tok)
+        inp_BT, tgt_BT, mask_BT = sft_batch(take(source, s.batch_size), tok, s.slip, slip_rng)
         logits_BTV = model(inp_BT)
         loss = F.cross_entropy(logits_BTV[mask_BT].float(), tgt_BT[mask_BT])
         opt.zero_grad(set_to_none=True)

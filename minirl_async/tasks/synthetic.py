@@ -51,6 +51,43 @@ def addition_solution(a: int, b: int) -> str:
     return ",".join(steps) + ANSWER_PREFIX + str(a + b)
 
 
+def noisy_addition_solution(a: int, b: int, rng: random.Random, slip: float) -> str:
+    """A worked solution with slips: each column sum is off by one with probability `slip`, and the rest of
+    the solution (carries, final answer) follows the slipped value consistently, as a careless human's
+    would. SFT on these emulates imperfect demonstrations: the model learns the slip rate (sampling at
+    temperature 1 reproduces it, greedy mostly avoids it) and RL can remove it."""
+    ra, rb = str(a)[::-1], str(b)[::-1]
+    steps, carry, digits = [], 0, []
+    for i in range(max(len(ra), len(rb))):
+        x = int(ra[i]) if i < len(ra) else 0
+        y = int(rb[i]) if i < len(rb) else 0
+        s = x + y + carry
+        if rng.random() < slip:
+            s = s + 1 if s == 0 or (s < 19 and rng.random() < 0.5) else s - 1
+        steps.append(f"{x}+{y}+{carry}={s}" if carry else f"{x}+{y}={s}")
+        digits.append(s % 10)
+        carry = s // 10
+    answer = (str(carry) if carry else "") + "".join(str(d) for d in reversed(digits))
+    return ",".join(steps) + ANSWER_PREFIX + str(int(answer))
+
+
+def noisy_solution(prompt: Prompt, rng: random.Random, slip: float) -> str:
+    """The SFT target of `prompt` with slips (arith: see `noisy_addition_solution`; list: two adjacent
+    items swapped with probability `slip`); the clean solution when `slip` is 0 or the task has no slips."""
+    assert prompt.solution is not None
+    if slip <= 0:
+        return prompt.solution
+    task = prompt.meta.get("task")
+    if task == "arith":
+        a, b = (int(x) for x in prompt.text.rstrip("=").split("+"))
+        return noisy_addition_solution(a, b, rng, slip)
+    if task == "list" and len(prompt.solution) > 1 and rng.random() < slip:
+        i = rng.randrange(len(prompt.solution) - 1)
+        sol = prompt.solution
+        return sol[:i] + sol[i + 1] + sol[i] + sol[i + 2:]
+    return prompt.solution
+
+
 class Arith:
     name = "arith"
 

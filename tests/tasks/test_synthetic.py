@@ -120,3 +120,33 @@ def test_make_prompt_source_from_config() -> None:
     assert take(src, 20) == take(_src("arith,list", 2, seed=3, split="eval"), 20)
     with pytest.raises(ValueError, match="split"):
         make_prompt_source(cfg, "test")  # type: ignore[arg-type]
+
+
+def test_slipped_solutions_are_consistent_and_graded_wrong() -> None:
+    import random
+
+    from minirl_async.tasks.synthetic import noisy_solution
+
+    exact = load_grader("exact")
+    rng = random.Random(0)
+    prompts = take(_src("arith,list", 3), 400)
+    assert all(noisy_solution(p, rng, 0.0) == p.solution for p in prompts)
+    num_slipped = 0
+    for p in prompts:
+        sol = noisy_solution(p, rng, 0.3)
+        slipped = sol != p.solution
+        num_slipped += slipped
+        # Slips shift the total by a sum of distinct +-10^i, never zero: a slipped solution is always wrong.
+        assert exact(Sample(p.text, sol, p.meta)).reward == float(not slipped)  # type: ignore[union-attr]
+        if p.meta["task"] == "arith" and slipped:
+            steps, answer = sol.split("####")
+            cols = [c.split("=") for c in steps.split(",")]
+            # Internally consistent: the answer is what the (slipped) column sums spell, carries included.
+            carry, digits = 0, []
+            for terms, total in cols:
+                nums = [int(t) for t in terms.split("+")]
+                assert nums[2:] == ([1] if carry else [])
+                digits.append(int(total) % 10)
+                carry = int(total) // 10
+            assert int(answer) == int(str(carry) + "".join(map(str, reversed(digits))))
+    assert 60 < num_slipped < 300
