@@ -1,7 +1,7 @@
 """The engine's one-token decode step over packed weights: few, larger matmuls instead of many small ones.
 
-Why: on CPU a small bf16 matmul costs a fixed ~40 us whatever its size (oneDNN set-up), so a decode step of
-the plain model (q, k, v, o, router, and two matmuls per routed expert: ~21 per layer) is dominated by call
+Why: on CPU a small matmul costs a fixed ~10-40 us whatever its size (dispatch, oneDNN set-up), so a decode
+step of the plain model (q, k, v, o, router, and two matmuls per routed expert: ~21 per layer) is dominated by call
 count, not flops. Packed, a layer takes 4 calls: one `[q; k; v]` projection, `o`, one matmul for the router
 AND every expert's gate/up projection, and one for every expert's down projection. The expert matmuls run
 densely over all E experts with the non-routed ones zero-weighted, which spends E/K times the expert flops
@@ -16,9 +16,10 @@ bf16 (~4%, within noise, at the cost of a second copy of those weights and an fp
 `torch.compile` of this step (2 minutes of compilation and a 2x slower step on CPU); oneDNN weight
 prepacking (no change); a padded-bmm sparse expert path (slower than dense below ~64 rows per step).
 
-Numerics follow the model exactly (same norms, rotary, router softmax in float32, top-k, gate
-renormalisation); only summation order differs (the dense expert sum, the routing weight applied before the
-down projection), i.e. rounding-level differences, and equality in float64 is tested, routes included.
+Numerics follow the model (same norms, rotary, router in float32, top-k experts, renormalised gates); only
+rounding order differs (fused RMSNorm rounds once in bf16, gates as the softmax of the top-k logits, the
+dense expert sum, the routing weight applied before the down projection). In float32/float64 these are
+rounding-level differences: greedy tokens, logprobs and routes equal the model's in float64 (tested).
 
 Legend: B rows, D hidden, H query heads, G kv heads, r = H/G, d head dim, S key positions, E experts,
 F expert width, K top-k, V vocab.

@@ -14,9 +14,10 @@ How a batch runs (`generate`, blocking, one caller thread at a time; see base.py
 - Sampling: `sampling.sample_tokens` with one uniform per row from the sequence's own seeded stream, so a
   seeded request is reproducible whatever shares its batch. The recorded logprob is
   `log_softmax(logits / T)[token]` (T = 1 when greedy), the quantity the learner recomputes.
-- Routes: the model runs in RECORD mode; each forward's `[B, T, L, K]` indices are written into a per-slot
-  buffer at the tokens' positions, so a finished sequence's routes are rows `0 .. P+R-2` (SGLang layout).
-  `capture_routes=False` runs the router in free mode and returns None.
+- Routes: prefill runs the model in RECORD mode, decode (fast_decode.py) returns its own top-k indices (the
+  same experts, tested against RECORD in float64); both are written into a per-slot buffer at the tokens'
+  positions, so a finished sequence's routes are rows `0 .. P+R-2` (SGLang layout). `capture_routes=False`
+  skips the recording and returns None.
 - Weights: `update_weights` validates and dequantises outside any lock (weights.py), then swaps every
   parameter at a version boundary: after the running batch, or, in interruptible mode, between two
   decode steps (tokens record the version that produced them). `pause()` holds the loop at the next step
@@ -25,6 +26,12 @@ How a batch runs (`generate`, blocking, one caller thread at a time; see base.py
 Numerics: linear projections hold the values of block-FP8 weights (`float8_e4m3fn` x `weight_scale_inv`)
 cached in the compute dtype (weights.py explains why cached); embeddings, norms, router and lm_head stay in
 the compute dtype, as in SGLang's FP8 Qwen3-MoE. `fp8=False` keeps plain weights (tests use float64).
+Measured gap to the bf16 learner (tests/engine, tiny model, block 8, 256 sampled tokens): mean |delta
+logprob| 0.034, KL(mu || pi) 9e-4 nats/token; without FP8 the bf16 engine's gap is 0.003 and ~0.
+
+Speed (bench sampler, 1 CPU thread, bf16, batch 16): ~2x Hugging Face `generate()` on the same weights,
+route capture costs ~0-3%. The decode step is bound by per-op dispatch cost (~10-20 us per small CPU op,
+~45 ops per layer), not by flops or weight traffic; fast_decode.py lists what was tried.
 
 Legend: B active rows, T tokens, S key positions, V vocab, L MoE layers, K top-k, P prompt, R response.
 """
