@@ -23,7 +23,7 @@ PY
 }
 RUN_DIR="$(cfg run.dir)"
 mkdir -p "$RUN_DIR/logs"
-if [ -z "$(cfg run.sft_checkpoint)" ] && [ -z "$(cfg model.path)" ]; then
+if [ -z "$(cfg run.sft_checkpoint)" ] && [ -z "$(cfg model.path)" ] && [ "$(cfg run.fake_compute)" != "True" ]; then
     if [ ! -f "$RUN_DIR/sft/config.json" ]; then
         echo "[local] cold-start SFT into $RUN_DIR/sft"
         minirl-async sft -c "$CONFIG" "${OVERRIDES[@]}" --out "$RUN_DIR/sft"
