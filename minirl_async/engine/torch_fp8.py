@@ -128,7 +128,8 @@ class TorchFP8Engine:
         self._rope = rope_table(model_cfg, C, dtype, dev)
         # Version-boundary coordination between the generate thread and updaters / pause.
         self._cv = threading.Condition()
-        self._busy = False
+        self._busy = False           # a step is running: weights must not change
+        self._generating = False     # a generate call is in progress (one at a time)
         self._swap_pending = 0
         self._paused = False
         self._stats = {"requests": 0, "refused_requests": 0, "tokens": 0, "updates": 0, "refused_updates": 0}
@@ -200,13 +201,16 @@ class TorchFP8Engine:
 
     def _enter(self) -> None:
         with self._cv:
+            if self._generating:
+                raise RuntimeError("generate is already running in another thread; call it from one worker")
+            self._generating = True
             while self._paused or self._swap_pending:
                 self._cv.wait()
             self._busy = True
 
     def _leave(self) -> None:
         with self._cv:
-            self._busy = False
+            self._busy = self._generating = False
             self._cv.notify_all()
 
     def _boundary(self) -> None:

@@ -281,6 +281,14 @@ def test_pause_holds_generation_until_resume() -> None:
     eng.update_weights(1, dict(iter_hf_state(model64(cfg, seed=4))))  # updates go through while paused
     eng.resume()
     th.join(30)
+    eng.pause()
+    th2 = threading.Thread(target=lambda: result.append(eng.generate([GenerateRequest([1], SamplingParams())])))
+    th2.start()
+    time.sleep(0.1)
+    with pytest.raises(RuntimeError, match="already running"):
+        eng.generate([GenerateRequest([2], SamplingParams())])
+    eng.resume()
+    th2.join(30)
     v = result[0][0][0].versions.tolist()
     assert v == [1] * len(v) and len(v) == 40 - 1  # default max_new_tokens 64, capped by the context
 
