@@ -220,7 +220,11 @@ class SGLangEngine:
             except ValueError as e:
                 self._stats["refused_requests"] += 1
                 n = req.params.n if isinstance(req.params.n, int) and req.params.n > 0 else 1
-                out.append([aborted([], f"request {req.request_id or r}: {e}") for _ in range(n)])
+                try:
+                    bad = req.prompt_list()
+                except (TypeError, ValueError):
+                    bad = []
+                out.append([aborted(bad, f"request {req.request_id or r}: {e}") for _ in range(n)])
                 continue
             p = req.params
             out.append([])
