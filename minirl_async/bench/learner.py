@@ -4,34 +4,55 @@ transformers' `Qwen3MoeForCausalLM`, on the same tiny weights and batch, in one 
     minirl-async bench learner [--quick] --json
 
 Both sides compute the sampled tokens' log-probs and the same MiniRL loss (`compute_policy_loss`), then
-backward, `clip_grad_norm_` and `torch.optim.AdamW`; only the model differs (ours: grouped experts, LM head
-chunked over tokens; HF: its eager per-expert loop and full `[B, T, V]` logits). One thread
-(`torch.set_num_threads(1)`), the tiny default architecture (`model.arch`), random weights saved with
-`save_hf` and loaded with `from_pretrained`. Figures (tokens = B*T forwarded and back-propagated; best of
-`repeats` timed updates after a warm-up):
-- `ours_tok_s`, `hf_tok_s`, `ratio` = ours / HF, in `dtype` (parameters and compute in that dtype);
-- `ours_<dt>_tok_s`, `hf_<dt>_tok_s` for fp32 and bf16 (bf16: parameters, compute and AdamW in bf16, the
-  same for both sides; the learner itself keeps fp32 master weights);
+backward, `clip_grad_norm_` and AdamW with the same settings (`fused=True`, the fastest CPU AdamW; the
+optimizer is not what is compared); only the model differs (ours: written-out grouped experts and q/k
+norm+rotary, LM head chunked over tokens; HF: its default experts implementation and full `[B, T, V]`
+logits). The tiny default architecture (`model.arch`), random weights saved with `save_hf` and loaded
+with `from_pretrained`.
+
+Timing on a shared, noisy machine: one thread (`torch.set_num_threads(1)`), two warm-up updates per side,
+then `repeats` rounds that alternate the order (ours, HF / HF, ours), each update timed by the thread's
+CPU time (`time.thread_time`: not inflated when the scheduler preempts us for another process) and by the
+wall clock; figures are medians. Tokens = B*T forwarded and back-propagated per update.
+- `ratio` = ours / HF train tokens per CPU-second in fp32 (= `ratio_fp32`); `ratio_wall_fp32` the same
+  from wall-clock medians (noisier here);
+- `ours_<dt>_tok_s`, `hf_<dt>_tok_s` (CPU time) and `..._wall_tok_s` for fp32 and bf16 (bf16: parameters,
+  compute and AdamW in bf16, the same for both sides; the learner itself keeps fp32 master weights);
 - `ours_step_tok_s`: the whole `Trainer.train_step` (proximal pass, update, staleness pass: about 3
-  forwards + 1 backward per token) in fp32, for reference.
+  forwards + 1 backward per token) in fp32, CPU time, for reference.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 
-def _best(fn: Any, repeats: int) -> float:
-    fn()  # warm-up (allocator, oneDNN primitive caches)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(thread CPU seconds, wall seconds) of one call."""
+    c0, w0 = time.thread_time(), time.perf_counter()
+    fn()
+    return time.thread_time() - c0, time.perf_counter() - w0
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                 warmup: int = 2) -> dict[str, tuple[float, float]]:
+    """Median (CPU, wall) seconds per function, measured in alternating order so that slow phases of the
+    shared machine hit every side alike."""
+    for fn in fns.values():
+        for _ in range(warmup):   # allocator, oneDNN/MKL primitive caches, optimizer state
+            fn()
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            samples[k].append(_timed(fns[k]))
+    return {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v))
+            for k, v in samples.items()}
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -45,9 +66,10 @@ def run(quick: bool) -> dict[str, Any]:
     from minirl_async.models.hf_io import save_hf
     from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM
 
-    torch.set_num_threads(1)
+    threads = 1
+    torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
-    B, T, repeats = (8, 64, 2) if quick else (16, 128, 3)
+    B, T, repeats = (8, 64, 5) if quick else (16, 128, 11)
     vocab = 256
     torch.manual_seed(0)
     mcfg = ModelConfig.from_arch(ModelArch(), vocab_size=vocab)
@@ -63,37 +85,44 @@ def run(quick: bool) -> dict[str, Any]:
     mask[:, : T // 4] = False          # a prompt quarter, as in RL batches
     loss_cfg = LossConfig()
 
-    def updater(logprobs_fn: Any, params: Any) -> Any:
-        opt = torch.optim.AdamW(params, lr=1e-5)
+    def updater(logprobs_fn: Callable[[], torch.Tensor], params: list[torch.nn.Parameter]) -> Callable[[], None]:
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
 
         def update() -> None:
             lp = logprobs_fn()
             sg = lp.detach()
             loss, _ = compute_policy_loss(lp, sg, sg, adv, mask, loss_cfg)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return update
 
-    out: dict[str, Any] = {"batch": B, "seq_len": T, "params_m": round(sum(p.numel() for p in base.parameters())
-                                                                         / 1e6, 3)}
+    out: dict[str, Any] = {"batch": B, "seq_len": T, "threads": threads, "repeats": repeats,
+                           "params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 3),
+                           "hf_experts_implementation": getattr(hf_base.config, "_experts_implementation", None),
+                           "hf_attn_implementation": hf_base.config._attn_implementation}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         ours = PolicyLogprobs(copy.deepcopy(base).to(dt))
         hf = copy.deepcopy(hf_base).to(dt)
 
-        def ours_lp(m: Any = ours) -> Any:
+        def ours_lp(m: Any = ours) -> torch.Tensor:
             return m(ids, targets, None, 1.0, 1024, False)[0]
 
-        def hf_lp(m: Any = hf) -> Any:
+        def hf_lp(m: Any = hf) -> torch.Tensor:
             logits = m(input_ids=ids).logits.float()
             return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
 
-        t_ours = _best(updater(ours_lp, list(ours.parameters())), repeats)
-        t_hf = _best(updater(hf_lp, list(hf.parameters())), repeats)
-        out[f"ours_{name}_tok_s"] = round(B * T / t_ours, 1)
-        out[f"hf_{name}_tok_s"] = round(B * T / t_hf, 1)
-        out[f"ratio_{name}"] = round(t_hf / t_ours, 2)
+        t = _interleaved({"ours": updater(ours_lp, list(ours.parameters())),
+                          "hf": updater(hf_lp, list(hf.parameters()))}, repeats)
+        (c_ours, w_ours), (c_hf, w_hf) = t["ours"], t["hf"]
+        out[f"ours_{name}_tok_s"] = round(B * T / c_ours, 1)
+        out[f"hf_{name}_tok_s"] = round(B * T / c_hf, 1)
+        out[f"ratio_{name}"] = round(c_hf / c_ours, 3)
+        out[f"ours_{name}_wall_tok_s"] = round(B * T / w_ours, 1)
+        out[f"hf_{name}_wall_tok_s"] = round(B * T / w_hf, 1)
+        out[f"ratio_wall_{name}"] = round(w_hf / w_ours, 3)
+        del ours, hf
 
     # the full train step of the Trainer (fp32), for reference
     from minirl_async.config import load_config
@@ -107,10 +136,9 @@ def run(quick: bool) -> dict[str, Any]:
                                      rollout_logprobs=torch.full((T - T // 4,), -5.0), reward=float(j % 2))
                               for j in range(G)]) for i in range(B // G)]
     trainer = Trainer(cfg, copy.deepcopy(base))
-    t_step = _best(lambda: trainer.train_step(groups, "r2"), repeats)
-    out["ours_step_tok_s"] = round(B * T / t_step, 1)
-    best = max(("fp32", "bf16"), key=lambda n: out[f"ours_{n}_tok_s"])
-    out["dtype"] = best
-    out["ours_tok_s"], out["hf_tok_s"], out["ratio"] = (out[f"ours_{best}_tok_s"], out[f"hf_{best}_tok_s"],
-                                                        out[f"ratio_{best}"])
+    c_step, _ = _interleaved({"step": lambda: trainer.train_step(groups, "r2")}, max(3, repeats // 3),
+                             warmup=1)["step"]
+    out["ours_step_tok_s"] = round(B * T / c_step, 1)
+    out["dtype"] = "fp32"
+    out["ours_tok_s"], out["hf_tok_s"], out["ratio"] = out["ours_fp32_tok_s"], out["hf_fp32_tok_s"], out["ratio_fp32"]
     return out

@@ -48,6 +48,35 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _fast_path(x: torch.Tensor) -> bool:
+    """float32/float64 tensors take the hand-written autograd paths below; other dtypes (bf16 models,
+    autocast) take the plain module code, which reproduces HF's order of roundings in low precision."""
+    return x.dtype in (torch.float32, torch.float64)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """`w * (x * rsqrt(mean(x^2) + eps))` over the last dim, float32/float64 only. The forward is the same op
+    sequence as the plain code (bit-identical); the backward is written out, ~7 full-size kernels instead of
+    autograd's ~12 (elementwise kernels, not matmuls, dominate a CPU step of a small model)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, rstd, w)
+        return w * xhat
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xhat, rstd, w = ctx.saved_tensors
+        gw = (g * xhat).reshape(-1, w.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        gxhat = g * w
+        # d/dx of x*rstd: rstd * (gxhat - xhat * mean(gxhat * xhat))
+        dot = (gxhat * xhat).mean(-1, keepdim=True)
+        gx = torch.addcmul(gxhat, xhat, dot, value=-1.0).mul_(rstd)
+        return gx, gw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -55,6 +84,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fast_path(x) and self.weight.dtype == x.dtype:
+            return _RMSNormFn.apply(x, self.weight, self.eps)
         # Normalise in float32 and cast back before the weight multiply: exactly HF's order of roundings.
         h = x.to(_compute_dtype(x))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -78,6 +109,41 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, x1), dim=-1)
+
+
+class _QKNormRopeFn(torch.autograd.Function):
+    """Per-head RMSNorm of the q and k heads together, then rotary: float32/float64 only.
+
+    x `[B, T, P, hd]` (P = H + Hkv heads: q heads then k heads, a view of the fused qkv projection), weight
+    `[P, hd]` (q_norm's weight repeated H times, then k_norm's Hkv times), cos/sin `[B, T, 1, hd]`.
+    `rotate_half(y) * sin == swap_halves(y) * sin_signed` exactly (sin_signed = sin with its first half
+    negated: the same products up to sign), so the forward rounds exactly like HF's
+    `y * cos + rotate_half(y) * sin`. Written out so that q and k go through one short chain of kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = x * rstd
+        y = w * xhat
+        ctx.save_for_backward(xhat, rstd, w, cos, sin_signed)
+        return (y * cos).add_(_swap_halves(y).mul_(sin_signed))   # not addcmul: it may fuse to an FMA
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xhat, rstd, w, cos, sin_signed = ctx.saved_tensors
+        # out = y*cos + swap(y)*s  =>  dy = g*cos + swap(g*s) = g*cos - swap(g)*s  (swap(s) = -s)
+        gy = torch.addcmul(g * cos, _swap_halves(g), sin_signed, value=-1.0)
+        gw = (gy * xhat).reshape(-1, *w.shape).sum(0) if ctx.needs_input_grad[1] else None
+        gxhat = gy * w
+        dot = (gxhat * xhat).mean(-1, keepdim=True)
+        gx = torch.addcmul(gxhat, xhat, dot, value=-1.0).mul_(rstd)
+        return gx, gw, None, None, None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -95,32 +161,46 @@ class Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor,
                 attn_mask: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BHTd = self.q_norm(self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
-        k_BHTd = self.k_norm(self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v_BHTd = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos_BTd[:, None], sin_BTd[:, None]
-        q_BHTd = q_BHTd * cos + _rotate_half(q_BHTd) * sin
-        k_BHTd = k_BHTd * cos + _rotate_half(k_BHTd) * sin
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        # One matmul for q, k and v (the weight concat is tiny next to the activations); autograd's concat
+        # backward hands each projection its rows of the fused weight gradient.
+        w_qkv = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        qk_BTX, v_BTX = F.linear(x_BTD, w_qkv).split(((H + Hkv) * hd, Hkv * hd), dim=-1)
+        cos, sin = cos_BTd[:, :, None], sin_BTd[:, :, None]
+        qk_BTPd = qk_BTX.view(B, T, H + Hkv, hd)
+        if _fast_path(qk_BTPd) and self.q_norm.weight.dtype == qk_BTPd.dtype:
+            w_Pd = torch.cat((self.q_norm.weight.expand(H, hd), self.k_norm.weight.expand(Hkv, hd)))
+            sign_d = torch.ones(hd, dtype=sin.dtype, device=sin.device)
+            sign_d[: hd // 2] = -1.0
+            qk_BTPd = _QKNormRopeFn.apply(qk_BTPd, w_Pd, cos, sin * sign_d, self.q_norm.eps)
+            q_BTHd, k_BTHd = qk_BTPd.split((H, Hkv), dim=2)
+        else:
+            q_BTHd, k_BTHd = qk_BTPd.split((H, Hkv), dim=2)
+            q_BTHd, k_BTHd = self.q_norm(q_BTHd), self.k_norm(k_BTHd)
+            q_BTHd = q_BTHd * cos + _rotate_half(q_BTHd) * sin
+            k_BTHd = k_BTHd * cos + _rotate_half(k_BTHd) * sin
+        q_BHTd, k_BHTd = q_BTHd.transpose(1, 2), k_BTHd.transpose(1, 2)
+        v_BHTd = v_BTX.view(B, T, Hkv, hd).transpose(1, 2)
         if kv_cache is not None:
             k_BHSd, v_BHSd = kv_cache.update(self.layer_idx, k_BHTd, v_BHTd)
         else:
             k_BHSd, v_BHSd = k_BHTd, v_BHTd
         S = k_BHSd.shape[2]
-        is_causal = False
-        if attn_mask is None:
-            if S == T:
-                is_causal = True
-            elif T > 1:
+        rep = H // Hkv
+        if attn_mask is None and S == T:
+            # Plain causal self-attention (training): SDPA reads the kv heads in place (no repeat copies).
+            o_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True, enable_gqa=rep > 1)
+        else:
+            if attn_mask is None and T > 1:
                 # Cached prefix + T new tokens: causal aligned to the bottom right (new token i sees S-T+i).
                 q_pos = torch.arange(S - T, S, device=x_BTD.device)
                 attn_mask = (torch.arange(S, device=x_BTD.device)[None, :] <= q_pos[:, None])[None, None]
-        # Repeat kv heads ourselves: SDPA's enable_gqa does not cover every backend/mask combination.
-        rep = self.num_heads // self.num_kv_heads
-        if rep > 1:
-            k_BHSd = k_BHSd.repeat_interleave(rep, dim=1)
-            v_BHSd = v_BHSd.repeat_interleave(rep, dim=1)
-        o_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=attn_mask, is_causal=is_causal)
-        return self.o_proj(o_BHTd.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+            # Repeat kv heads ourselves: SDPA's enable_gqa does not cover every backend/mask combination.
+            if rep > 1:
+                k_BHSd = k_BHSd.repeat_interleave(rep, dim=1)
+                v_BHSd = v_BHSd.repeat_interleave(rep, dim=1)
+            o_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=attn_mask)
+        return self.o_proj(o_BHTd.transpose(1, 2).reshape(B, T, H * hd))
 
 
 class MLP(nn.Module):
@@ -133,30 +213,112 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _expert_spans(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, start, stop) of the non-empty expert slices of the expert-sorted rows."""
+    spans, s = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            spans.append((e, s, s + c))
+        s += c
+    return spans
+
+
+class _GroupedExpertsFn(torch.autograd.Function):
+    """Forward and backward of `grouped_experts` written out, one expert at a time.
+
+    A small model's CPU step is bound by the memory traffic of elementwise kernels more than by its
+    matmuls, so each expert's rows go through gather, gate/up matmul, SiLU*up, down matmul, routing weight
+    and scatter-add while they are in cache (per-expert scratch buffers, reused); only the gate/up
+    pre-activations `h` are saved (SiLU*up is recomputed in the backward, the expert outputs are not
+    needed: d/dw = (g @ down) . act). The weight gradients are written straight into their `[E, ...]`
+    buffers (autograd through `w[e]` would allocate and add a full-size zero gradient per expert).
+    M = N*K (token, k) rows, sorted by expert; n rows of one expert."""
+
+    @staticmethod
+    def forward(ctx: Any, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
+                gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor) -> torch.Tensor:
+        N, K = idx_NK.shape
+        E, F2, D = gate_up_EFD.shape
+        Fe = F2 // 2
+        flat_M = idx_NK.reshape(-1)
+        order_M = torch.argsort(flat_M, stable=True)      # (token, k) pairs grouped by expert
+        token_M = order_M // K
+        w_M1 = w_NK.reshape(-1).index_select(0, order_M).unsqueeze(1)
+        spans = _expert_spans(torch.bincount(flat_M, minlength=E).tolist())
+        h_MF2 = x_ND.new_empty(N * K, F2)
+        rows = max((b - a for _, a, b in spans), default=0)
+        x_buf, act_buf, y_buf = x_ND.new_empty(rows, D), x_ND.new_empty(rows, Fe), x_ND.new_empty(rows, D)
+        out_ND = torch.zeros_like(x_ND)
+        for e, a, b in spans:
+            n = b - a
+            x_nD = torch.index_select(x_ND, 0, token_M[a:b], out=x_buf[:n])
+            h_nF2 = torch.mm(x_nD, gate_up_EFD[e].t(), out=h_MF2[a:b])
+            act_nF = torch.mul(F.silu(h_nF2[:, :Fe]), h_nF2[:, Fe:], out=act_buf[:n])
+            y_nD = torch.mm(act_nF, down_EDF[e].t(), out=y_buf[:n])
+            out_ND.index_add_(0, token_M[a:b], y_nD.mul_(w_M1[a:b]))
+        ctx.save_for_backward(x_ND, h_MF2, w_M1, order_M, token_M, gate_up_EFD, down_EDF)
+        ctx.spans = spans
+        return out_ND
+
+    @staticmethod
+    def backward(ctx: Any, g_ND: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_ND, h_MF2, w_M1, order_M, token_M, gate_up_EFD, down_EDF = ctx.saved_tensors
+        spans = ctx.spans
+        N, D = x_ND.shape
+        M, F2 = h_MF2.shape
+        Fe = F2 // 2
+        g_ND = g_ND.contiguous()
+        # experts that received no token get an exact zero gradient
+        zeros_or_empty = torch.empty_like if len(spans) == gate_up_EFD.shape[0] else torch.zeros_like
+        g_dn, g_gu = zeros_or_empty(down_EDF), zeros_or_empty(gate_up_EFD)
+        gx_ND, gw_M = torch.zeros_like(x_ND), x_ND.new_empty(M)
+        rows = max((b - a for _, a, b in spans), default=0)
+        new = x_ND.new_empty
+        x_buf, g_buf, gy_buf, sg_buf, act_buf, gact_buf, gh_buf, gx_buf = (
+            new(rows, D), new(rows, D), new(rows, D), new(rows, Fe), new(rows, Fe), new(rows, Fe),
+            new(rows, F2), new(rows, D))
+        for e, a, b in spans:
+            n = b - a
+            tok_n, w_n1 = token_M[a:b], w_M1[a:b]
+            gate_nF, up_nF = h_MF2[a:b, :Fe], h_MF2[a:b, Fe:]
+            sg_nF = torch.ops.aten.silu.out(gate_nF, out=sg_buf[:n])
+            act_nF = torch.mul(sg_nF, up_nF, out=act_buf[:n])
+            g_nD = torch.index_select(g_ND, 0, tok_n, out=g_buf[:n])
+            gy_nD = torch.mul(g_nD, w_n1, out=gy_buf[:n])
+            torch.mm(gy_nD.t(), act_nF, out=g_dn[e])
+            gact_nF = torch.mm(g_nD, down_EDF[e], out=gact_buf[:n])        # d act / w
+            torch.sum(torch.mul(gact_nF, act_nF, out=act_buf[:n]), -1, out=gw_M[a:b])
+            gact_nF.mul_(w_n1)
+            gh_nF2 = gh_buf[:n]
+            torch.mul(gact_nF, sg_nF, out=gh_nF2[:, Fe:])                                          # d up
+            torch.ops.aten.silu_backward.grad_input(gact_nF.mul_(up_nF), gate_nF, grad_input=gh_nF2[:, :Fe])
+            x_nD = torch.index_select(x_ND, 0, tok_n, out=x_buf[:n])
+            torch.mm(gh_nF2.t(), x_nD, out=g_gu[e])
+            gx_ND.index_add_(0, tok_n, torch.mm(gh_nF2, gate_up_EFD[e], out=gx_buf[:n]))
+        gw_NK = torch.empty_like(gw_M).index_copy_(0, order_M, gw_M).view(N, M // N)
+        return gx_ND, None, gw_NK, g_gu, g_dn
 
 
 def grouped_experts(x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
                     gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor) -> torch.Tensor:
     """sum_k w[n,k] * expert_{idx[n,k]}(x[n]) with the (token, k) pairs sorted by expert, so each expert
     runs one matmul on its contiguous slice (the loop is over experts, never over tokens).
-    `gate_up_EFD` is `[E, 2F, D]` (gate rows then up rows), `down_EDF` is `[E, D, F]`."""
-    N, K = idx_NK.shape
-    E = gate_up_EFD.shape[0]
-    flat_idx = idx_NK.reshape(-1)
-    order = torch.argsort(flat_idx, stable=True)         # (token, k) pairs grouped by expert
-    token_of = order // K
-    counts = torch.bincount(flat_idx, minlength=E).tolist()
-    x_sorted = x_ND[token_of]
-    outs = []
-    for e, x_e in enumerate(torch.split(x_sorted, counts)):
-        if x_e.shape[0] == 0:
-            continue
-        gate, up = F.linear(x_e, gate_up_EFD[e]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(gate) * up, down_EDF[e]))
-    y_sorted = torch.cat(outs) if outs else x_sorted.new_zeros(0, x_ND.shape[1])
-    y_sorted = y_sorted * w_NK.reshape(-1)[order, None].to(y_sorted.dtype)
-    return torch.zeros_like(x_ND).index_add(0, token_of, y_sorted)
+    `gate_up_EFD` is `[E, 2F, D]` (gate rows then up rows), `down_EDF` is `[E, D, F]`. The result has
+    `x_ND`'s dtype; under `torch.autocast` the experts compute in the autocast dtype (as `F.linear` would)."""
+    dev = x_ND.device.type
+    if torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            y_ND = _GroupedExpertsFn.apply(x_ND.to(cdt), idx_NK, w_NK.to(cdt), gate_up_EFD.to(cdt),
+                                           down_EDF.to(cdt))
+        return y_ND.to(x_ND.dtype)
+    cdt = torch.promote_types(x_ND.dtype, gate_up_EFD.dtype)
+    y_ND = _GroupedExpertsFn.apply(x_ND.to(cdt), idx_NK, w_NK.to(cdt), gate_up_EFD.to(cdt), down_EDF.to(cdt))
+    return y_ND.to(x_ND.dtype)
 
 
 class Experts(nn.Module):
