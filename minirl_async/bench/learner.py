@@ -110,7 +110,7 @@ def run(quick: bool) -> dict[str, Any]:
             return m(ids, targets, None, 1.0, 1024, False)[0]
 
         def hf_lp(m: Any = hf) -> torch.Tensor:
-            logits = m(input_ids=ids).logits.float()
+            logits = m(input_ids=ids, use_cache=False).logits.float()   # a learner needs no KV cache
             return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
 
         t = _interleaved({"ours": updater(ours_lp, list(ours.parameters())),

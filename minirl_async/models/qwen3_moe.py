@@ -54,27 +54,46 @@ def _fast_path(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float64)
 
 
+_CHUNK_ELEMS = 4096 * 32
+"""Elements per chunk of the written-out elementwise chains: each chunk's chain of ~10 kernels then runs
+on data still in L2 (a 1.5 MB tensor streamed by every kernel runs several times slower here)."""
+
+
+def _row_chunks(n_rows: int, row_elems: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMS // max(1, row_elems))
+    return [slice(i, i + step) for i in range(0, n_rows, step)]
+
+
 class _RMSNormFn(torch.autograd.Function):
     """`w * (x * rsqrt(mean(x^2) + eps))` over the last dim, float32/float64 only. The forward is the same op
-    sequence as the plain code (bit-identical); the backward is written out, ~7 full-size kernels instead of
-    autograd's ~12 (elementwise kernels, not matmuls, dominate a CPU step of a small model)."""
+    sequence as the plain code (bit-identical); the backward is written out (~7 kernels instead of
+    autograd's ~12), both chunked over rows so that each chain runs in cache."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        xhat = x * rstd
+        x2 = x.reshape(-1, x.shape[-1])
+        out, xhat, rstd = torch.empty_like(x2), torch.empty_like(x2), x2.new_empty(x2.shape[0], 1)
+        for c in _row_chunks(x2.shape[0], x2.shape[1]):
+            r = torch.rsqrt(x2[c].pow(2).mean(-1, keepdim=True) + eps, out=rstd[c])
+            torch.mul(w, torch.mul(x2[c], r, out=xhat[c]), out=out[c])
         ctx.save_for_backward(xhat, rstd, w)
-        return w * xhat
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xhat, rstd, w = ctx.saved_tensors
-        gw = (g * xhat).reshape(-1, w.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        gxhat = g * w
-        # d/dx of x*rstd: rstd * (gxhat - xhat * mean(gxhat * xhat))
-        dot = (gxhat * xhat).mean(-1, keepdim=True)
-        gx = torch.addcmul(gxhat, xhat, dot, value=-1.0).mul_(rstd)
-        return gx, gw, None
+        g2 = g.reshape(xhat.shape)
+        gx = torch.empty_like(xhat)
+        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for c in _row_chunks(xhat.shape[0], xhat.shape[1]):
+            g_c, xh = g2[c], xhat[c]
+            if gw is not None:
+                gw += (g_c * xh).sum(0)
+            gxhat = g_c * w
+            # d/dx of x*rstd: rstd * (gxhat - xhat * mean(gxhat * xhat))
+            dot = (gxhat * xh).mean(-1, keepdim=True)
+            torch.addcmul(gxhat, xh, dot, value=-1.0, out=gx[c]).mul_(rstd[c])
+        return gx.view(g.shape), gw, None
 
 
 class RMSNorm(nn.Module):
@@ -121,26 +140,37 @@ class _QKNormRopeFn(torch.autograd.Function):
     `[P, hd]` (q_norm's weight repeated H times, then k_norm's Hkv times), cos/sin `[B, T, 1, hd]`.
     `rotate_half(y) * sin == swap_halves(y) * sin_signed` exactly (sin_signed = sin with its first half
     negated: the same products up to sign), so the forward rounds exactly like HF's
-    `y * cos + rotate_half(y) * sin`. Written out so that q and k go through one short chain of kernels."""
+    `y * cos + rotate_half(y) * sin`. Written out so that q and k go through one short chain of kernels,
+    chunked over the batch so that each chain runs in cache."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
                 eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        xhat = x * rstd
-        y = w * xhat
+        B, T, P, hd = x.shape
+        out, xhat, rstd = x.new_empty(B, T, P, hd), x.new_empty(B, T, P, hd), x.new_empty(B, T, P, 1)
+        cos, sin_signed = cos.expand(B, T, 1, hd), sin_signed.expand(B, T, 1, hd)
+        for c in _row_chunks(B, T * P * hd):
+            r = torch.rsqrt(x[c].pow(2).mean(-1, keepdim=True) + eps, out=rstd[c])
+            y = w * torch.mul(x[c], r, out=xhat[c])
+            torch.mul(y, cos[c], out=out[c]).add_(_swap_halves(y).mul_(sin_signed[c]))  # no addcmul: no FMA
         ctx.save_for_backward(xhat, rstd, w, cos, sin_signed)
-        return (y * cos).add_(_swap_halves(y).mul_(sin_signed))   # not addcmul: it may fuse to an FMA
+        return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xhat, rstd, w, cos, sin_signed = ctx.saved_tensors
-        # out = y*cos + swap(y)*s  =>  dy = g*cos + swap(g*s) = g*cos - swap(g)*s  (swap(s) = -s)
-        gy = torch.addcmul(g * cos, _swap_halves(g), sin_signed, value=-1.0)
-        gw = (gy * xhat).reshape(-1, *w.shape).sum(0) if ctx.needs_input_grad[1] else None
-        gxhat = gy * w
-        dot = (gxhat * xhat).mean(-1, keepdim=True)
-        gx = torch.addcmul(gxhat, xhat, dot, value=-1.0).mul_(rstd)
+        B, T, P, hd = xhat.shape
+        gx = xhat.new_empty(B, T, P, hd)
+        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for c in _row_chunks(B, T * P * hd):
+            # out = y*cos + swap(y)*s  =>  dy = g*cos + swap(g*s) = g*cos - swap(g)*s  (swap(s) = -s)
+            g_c, xh = g[c], xhat[c]
+            gy = torch.addcmul(g_c * cos[c], _swap_halves(g_c), sin_signed[c], value=-1.0)
+            if gw is not None:
+                gw += (gy * xh).reshape(-1, P, hd).sum(0)
+            gxhat = gy.mul_(w)
+            dot = (gxhat * xh).mean(-1, keepdim=True)
+            torch.addcmul(gxhat, xh, dot, value=-1.0, out=gx[c]).mul_(rstd[c])
         return gx, gw, None, None, None
 
 
