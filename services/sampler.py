@@ -76,6 +76,7 @@ class SamplerService:
         self.busy_s = 0.0
         self.busy_log: Any = None
         self.generating = False
+        self.new_weights = asyncio.Event()
 
     @property
     def version(self) -> int:
@@ -100,6 +101,7 @@ class SamplerService:
         ws = self.receiver.feed(msg)  # ProtocolError for bad/old chunks: counted and dropped
         if ws is not None:
             self.pending = ws
+            self.new_weights.set()  # a backed-off sampler asks again at once: admission moved with the version
             if self.cfg.sampler.interruptible and self.generating:
                 # The engine swaps it in between two decode steps of the running batch (per-token versions).
                 asyncio.get_running_loop().create_task(self.apply_pending())
@@ -150,7 +152,13 @@ class SamplerService:
             if grant is None:
                 continue
             if grant.backoff_s > 0:
-                await asyncio.sleep(min(grant.backoff_s, 1.0))
+                # Back off, but not past the arrival of a new version: the learner publishes right after
+                # the step that opens the admission window, so new weights mean new work is likely.
+                self.new_weights.clear()
+                try:
+                    await asyncio.wait_for(self.new_weights.wait(), min(grant.backoff_s, 1.0))
+                except TimeoutError:
+                    pass
                 continue
             await self.generate(grant.groups, push)
 
