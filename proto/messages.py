@@ -3,7 +3,7 @@
 Arrays are held as numpy arrays (the canonical in-memory type: graders need no torch); `as_torch(a)`
 turns one into a torch tensor without a copy. Constructors accept lists, numpy arrays or CPU torch
 tensors and convert them to the field's canonical dtype, so services can build messages from whatever
-they hold. `validate()` checks the cross-field invariants and raises `ProtocolError`; the codec calls it on
+they hold; integers are never wrapped or truncated (a value no allowed dtype holds raises ProtocolError). `validate()` checks the cross-field invariants and raises `ProtocolError`; the codec calls it on
 encode (a service cannot send a malformed message) and on decode (a peer cannot make us accept one).
 
 Shape legend: P prompt tokens, R response tokens, G responses per group, L MoE layers, K top-k experts.
@@ -49,17 +49,40 @@ def as_torch(a: np.ndarray) -> Any:
     return torch.from_numpy(a)
 
 
-def _to_array(x: Any, dtypes: tuple[str, ...]) -> np.ndarray:
+def _to_array(x: Any, dtypes: tuple[str, ...], name: str) -> np.ndarray:
+    """`x` as an array of one of `dtypes` (kept if already one, else the first that holds every value
+    exactly). Integer fields never wrap or truncate: values outside every allowed dtype's range, or
+    non-integral floats, raise ProtocolError naming the field (routes of expert 300 become uint16, not 44).
+    Float fields may round (float64 -> float32 is the intended narrowing; finiteness is checked by validate)."""
     if type(x).__module__.startswith("torch"):
         x = x.detach().cpu()
         try:
             x = x.numpy()  # zero-copy for CPU tensors
         except TypeError:  # bfloat16 / float8 have no numpy dtype
             x = x.float().numpy()
-    a = np.asarray(x)
-    if a.dtype.name not in dtypes:
-        a = a.astype(dtypes[0])
-    return a
+    try:
+        a = np.asarray(x)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"{name}: cannot be turned into an array: {e}") from None
+    if a.dtype.name in dtypes:
+        return a
+    if a.dtype.kind not in "biuf":
+        raise ProtocolError(f"{name}: needs numbers ({'/'.join(dtypes)}), got an array of {a.dtype}")
+    if np.dtype(dtypes[0]).kind == "f":
+        return a.astype(dtypes[0])
+    # integer field: find the value range exactly (in Python ints), refusing non-integral floats
+    if a.size == 0:
+        return a.astype(dtypes[0])
+    if a.dtype.kind == "f":
+        if not (np.isfinite(a).all() and (a == np.floor(a)).all()):
+            raise ProtocolError(f"{name}: holds non-integral or non-finite values; expected integers")
+    lo, hi = int(a.min()), int(a.max())
+    for dt in dtypes:
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return a.astype(dt)
+    raise ProtocolError(f"{name}: values span [{lo}, {hi}], which does not fit {'/'.join(dtypes)} "
+                        "(refusing to wrap them)")
 
 
 class _Message:
@@ -72,7 +95,8 @@ class _Message:
             if f.metadata.get("tensor"):
                 v = getattr(self, f.name)
                 if v is not None:
-                    setattr(self, f.name, _to_array(v, f.metadata["dtypes"]))
+                    where = f"{type(self).__name__}.{f.name}"
+                    setattr(self, f.name, _to_array(v, f.metadata["dtypes"], where))
 
     def validate(self) -> None:
         """Raise ProtocolError if an invariant does not hold."""

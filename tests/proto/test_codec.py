@@ -117,3 +117,42 @@ def test_work_grant_is_groups_or_backoff():
 
 def test_rollout_group_is_not_its_subclass():
     assert RolloutGroup.TYPE != ScoredGroup.TYPE
+
+
+def _response(**kw):
+    base = {"response_ids": [1, 2], "logprobs": [-0.5, -1.0], "versions": [0, 0], "finish_reason": "stop"}
+    return Response(**{**base, **kw})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("routes", torch.tensor([300, 5], dtype=torch.int64).reshape(1, 1, 2).expand(3, 1, 2), None),
+    ("routes", np.full((3, 1, 2), 2**40, np.int64), "routes"),
+    ("response_ids", np.array([5, 2**31 + 5], np.int64), "response_ids"),
+    ("response_ids", torch.tensor([1, -(2**31) - 1]), "response_ids"),
+    ("versions", [0, 2**32], "versions"),
+    ("response_ids", [1.0, 2.5], "response_ids"),
+    ("response_ids", [1.0, float("nan")], "response_ids"),
+])
+def test_constructors_never_wrap_or_truncate_values(field, value, match):
+    """Values that do not fit the field's dtypes raise ProtocolError naming the field; values that fit a
+    wider allowed dtype keep their values (routes of 300 experts become uint16, not uint8 44)."""
+    if match is None:
+        r = _response(**{field: value})
+        assert r.routes is not None and r.routes.dtype == np.uint16
+        assert r.routes[0, 0].tolist() == [300, 5]
+        return
+    with pytest.raises(ProtocolError, match=match):
+        _response(**{field: value})
+
+
+def test_constructors_convert_values_that_fit():
+    r = _response(response_ids=np.array([0, 2**31 - 1], np.int64), versions=np.array([3, 4], np.uint64),
+                  routes=np.array([[[255, 0]]] * 3, np.int64), logprobs=np.array([-0.5, -1.0], np.float64))
+    assert r.response_ids.dtype == np.int32 and r.response_ids.tolist() == [0, 2**31 - 1]
+    assert r.versions.dtype == np.int32 and r.versions.tolist() == [3, 4]
+    assert r.routes is not None and r.routes.dtype == np.uint8 and r.routes[0, 0].tolist() == [255, 0]
+    assert _response(response_ids=[1.0, 2.0]).response_ids.tolist() == [1, 2]
+    empty = Response(response_ids=[], logprobs=[], versions=[], routes=np.zeros((0, 1, 2)), finish_reason="abort")
+    assert empty.response_ids.dtype == np.int32 and empty.routes is not None and empty.routes.dtype == np.uint8
+    neg = _response(routes=np.full((3, 1, 2), -1, np.int64))  # kept as -1 (int16), so validate() can refuse it
+    assert neg.routes is not None and neg.routes.dtype == np.int16 and int(neg.routes.min()) == -1
