@@ -18,8 +18,10 @@ from typing import Any
 from minirl_async.graders.base import GradeResult, Sample, extract_answer
 from minirl_async.tasks.synthetic import ANSWER_PREFIX
 
-# A number: digits with optional thousands commas, decimals, exponent, or a simple fraction "a/b".
-_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+|/\d+)?")
+# A number: digits with optional thousands commas, decimals, exponent, or a simple fraction "a/b". A sign
+# counts only when it does not join two words: "2024-01-05" is a date and "x-3" a difference, not minus
+# five / minus three, so a sign right after a letter, digit or "_" is not part of the number.
+_NUMBER = re.compile(r"(?:(?<!\w)[-+])?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+|/\d+)?")
 
 
 def _reference(sample: Sample) -> str:
@@ -59,7 +61,12 @@ class NumericGrader:
         self.tol, self.rel_tol = tolerance, rel_tolerance
 
     def __call__(self, sample: Sample) -> GradeResult:
-        ref = float(_reference(sample).replace(",", ""))
+        ref_text = _reference(sample)
+        ref_frac = _to_number(ref_text)
+        if ref_frac is None:
+            raise ValueError(f"numeric grader: reference answer {ref_text!r} is not a number (or fraction a/b); "
+                             "use the 'exact' or 'math' grader for non-numeric answers")
+        ref = float(ref_frac)
         found = _NUMBER.findall(sample.response_text)
         if not found:
             return GradeResult(0.0, {"extracted": None})

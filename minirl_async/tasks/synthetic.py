@@ -159,7 +159,8 @@ class SyntheticSource:
         return p
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "synthetic", "seed": self.seed, "split": self.split, "index": self.index}
+        return {"kind": "synthetic", "seed": self.seed, "split": self.split, "index": self.index,
+                "tasks": [f.name for f in self.families], "difficulty": self.difficulty}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "synthetic" or state.get("seed") != self.seed or state.get("split") != self.split:
@@ -167,8 +168,17 @@ class SyntheticSource:
                 f"prompt-source state {state!r} does not belong to this synthetic stream "
                 f"(seed={self.seed}, split={self.split}); was data.seed or data.task changed?"
             )
+        # The cursor indexes a stream that depends on the families and difficulty too: resuming it under
+        # other ones would silently draw different prompts. (States saved before these keys existed pass.)
+        tasks, mine = state.get("tasks"), [f.name for f in self.families]
+        if ("tasks" in state and list(tasks or []) != mine) or \
+                ("difficulty" in state and state["difficulty"] != self.difficulty):
+            raise ValueError(
+                f"prompt-source state was saved with data.task = {','.join(tasks or [])!r}, "
+                f"data.difficulty = {state.get('difficulty')} but this run has data.task = {','.join(mine)!r}, "
+                f"data.difficulty = {self.difficulty}; restore those settings to resume, or start a fresh run"
+            )
         self.index = int(state["index"])
-
 
 if __name__ == "__main__":
     src = SyntheticSource(parse_task_names(sys.argv[1] if len(sys.argv) > 1 else "arith"),

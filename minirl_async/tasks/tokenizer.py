@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,16 @@ class Tokenizer:
         if prompt.messages and self.chat_template:
             hf = self._hf_tokenizer()
             if hf is not None:
-                return list(hf.apply_chat_template(prompt.messages, tokenize=True, add_generation_prompt=True))
+                # transformers 5 returns a BatchEncoding by default (list() of it would be its keys);
+                # return_dict=False asks for plain ids in 4.x and 5.x, the Mapping branch is a second guard.
+                out = hf.apply_chat_template(prompt.messages, tokenize=True, add_generation_prompt=True,
+                                             return_dict=False)
+                if isinstance(out, Mapping):
+                    out = out["input_ids"]
+                ids = out.tolist() if hasattr(out, "tolist") else list(out)
+                if ids and isinstance(ids[0], list):  # a batch of one conversation
+                    (ids,) = ids
+                return [int(i) for i in ids]
         ids = self.encode(prompt.text)
         return [self.bos_id] + ids if self.bos_id is not None else ids
 

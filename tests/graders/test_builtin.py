@@ -40,6 +40,28 @@ def test_numeric(response: str, answer: str, expected: float) -> None:
     assert _r("numeric", response, answer) == expected
 
 
+@pytest.mark.parametrize("response,answer,expected", [
+    ("half of it: 1/2", "1/2", 1.0), ("0.5", "1/2", 1.0), ("1/3", "1/2", 0.0), ("-3/4", "-3/4", 1.0),
+    ("x = -0.75", "-3/4", 1.0), ("1,000/4", "250", 1.0),
+])
+def test_numeric_fraction_reference(response: str, answer: str, expected: float) -> None:
+    assert _r("numeric", response, answer) == expected
+
+
+@pytest.mark.parametrize("response,answer,expected", [
+    ("the date is 2024-01-05", "5", 1.0), ("the date is 2024-01-05", "-5", 0.0), ("x-3", "3", 1.0),
+    ("x-3", "-3", 0.0), ("a_-2", "2", 1.0), ("so it is -5", "-5", 1.0), ("(-5)", "-5", 1.0),
+    ("5 - -2 = 7, so -2", "-2", 1.0), ("1e-3", "0.001", 1.0),
+])
+def test_numeric_hyphen_joined_tokens_are_not_negative(response: str, answer: str, expected: float) -> None:
+    assert _r("numeric", response, answer) == expected
+
+
+def test_numeric_non_number_reference_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="not a number"):
+        _r("numeric", "12", "twelve")
+
+
 def test_numeric_tolerance() -> None:
     assert _r("numeric", "3.1416", "3.14159") == 0.0
     assert _r("numeric", "3.1416", "3.14159", tolerance=1e-3) == 1.0

@@ -39,6 +39,15 @@ def test_cursor_resumes_the_same_stream() -> None:
         _src("arith,list", seed=5).load_state_dict(state)
 
 
+@pytest.mark.parametrize("task,difficulty", [("arith", 2), ("list,arith", 2), ("arith,list", 3)])
+def test_cursor_refuses_other_families_or_difficulty(task: str, difficulty: int) -> None:
+    src = _src("arith,list", difficulty=2)
+    take(src, 5)
+    with pytest.raises(ValueError, match=r"data.task = 'arith,list', data.difficulty = 2 .*"
+                       rf"data.task = '{task}', data.difficulty = {difficulty}"):
+        _src(task, difficulty=difficulty).load_state_dict(src.state_dict())
+
+
 @pytest.mark.parametrize("task,difficulty", [("arith", 1), ("arith", 2), ("list", 1), ("list", 3)])
 def test_train_and_eval_never_overlap(task: str, difficulty: int) -> None:
     train = take(_src(task, difficulty), 3000)
