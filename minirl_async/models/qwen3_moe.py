@@ -247,16 +247,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def _expert_spans(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, start, stop) of the non-empty expert slices of the expert-sorted rows."""
-    spans, s = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            spans.append((e, s, s + c))
-        s += c
-    return spans
-
-
 class _GroupedExpertsFn(torch.autograd.Function):
     """Forward and backward of `grouped_experts` written out, one expert at a time.
 
@@ -265,7 +255,8 @@ class _GroupedExpertsFn(torch.autograd.Function):
     and scatter-add while they are in cache (per-expert scratch buffers, reused); only the gate/up
     pre-activations `h` are saved (SiLU*up is recomputed in the backward, the expert outputs are not
     needed: d/dw = (g @ down) . act). The weight gradients are written straight into their `[E, ...]`
-    buffers (autograd through `w[e]` would allocate and add a full-size zero gradient per expert).
+    buffers (autograd through `w[e]` would allocate and add a full-size zero gradient per expert). Per-expert
+    views come from one `split`/`unbind` each, outside the loops (Python dispatch is a visible cost here).
     M = N*K (token, k) rows, sorted by expert; n rows of one expert."""
 
     @staticmethod
@@ -278,58 +269,58 @@ class _GroupedExpertsFn(torch.autograd.Function):
         order_M = torch.argsort(flat_M, stable=True)      # (token, k) pairs grouped by expert
         token_M = order_M // K
         w_M1 = w_NK.reshape(-1).index_select(0, order_M).unsqueeze(1)
-        spans = _expert_spans(torch.bincount(flat_M, minlength=E).tolist())
+        counts = torch.bincount(flat_M, minlength=E).tolist()
         h_MF2 = x_ND.new_empty(N * K, F2)
-        rows = max((b - a for _, a, b in spans), default=0)
+        rows = max(counts)
         x_buf, act_buf, y_buf = x_ND.new_empty(rows, D), x_ND.new_empty(rows, Fe), x_ND.new_empty(rows, D)
         out_ND = torch.zeros_like(x_ND)
-        for e, a, b in spans:
-            n = b - a
-            x_nD = torch.index_select(x_ND, 0, token_M[a:b], out=x_buf[:n])
-            h_nF2 = torch.mm(x_nD, gate_up_EFD[e].t(), out=h_MF2[a:b])
-            act_nF = torch.mul(F.silu(h_nF2[:, :Fe]), h_nF2[:, Fe:], out=act_buf[:n])
-            y_nD = torch.mm(act_nF, down_EDF[e].t(), out=y_buf[:n])
-            out_ND.index_add_(0, token_M[a:b], y_nD.mul_(w_M1[a:b]))
+        per_expert = zip(counts, token_M.split(counts), w_M1.split(counts), h_MF2.split(counts),
+                         gate_up_EFD.transpose(1, 2).unbind(0), down_EDF.transpose(1, 2).unbind(0))
+        for n, tok_n, w_n1, h_nF2, gu_DF2, dn_FD in per_expert:
+            if n:
+                torch.mm(torch.index_select(x_ND, 0, tok_n, out=x_buf[:n]), gu_DF2, out=h_nF2)
+                act_nF = torch.mul(F.silu(h_nF2[:, :Fe]), h_nF2[:, Fe:], out=act_buf[:n])
+                out_ND.index_add_(0, tok_n, torch.mm(act_nF, dn_FD, out=y_buf[:n]).mul_(w_n1))
         ctx.save_for_backward(x_ND, h_MF2, w_M1, order_M, token_M, gate_up_EFD, down_EDF)
-        ctx.spans = spans
+        ctx.counts, ctx.K = counts, K
         return out_ND
 
     @staticmethod
     def backward(ctx: Any, g_ND: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_ND, h_MF2, w_M1, order_M, token_M, gate_up_EFD, down_EDF = ctx.saved_tensors
-        spans = ctx.spans
+        counts: list[int] = ctx.counts
         N, D = x_ND.shape
         M, F2 = h_MF2.shape
         Fe = F2 // 2
         g_ND = g_ND.contiguous()
         # experts that received no token get an exact zero gradient
-        zeros_or_empty = torch.empty_like if len(spans) == gate_up_EFD.shape[0] else torch.zeros_like
+        zeros_or_empty = torch.zeros_like if 0 in counts else torch.empty_like
         g_dn, g_gu = zeros_or_empty(down_EDF), zeros_or_empty(gate_up_EFD)
         gx_ND, gw_M = torch.zeros_like(x_ND), x_ND.new_empty(M)
-        rows = max((b - a for _, a, b in spans), default=0)
+        rows = max(counts)
         new = x_ND.new_empty
-        x_buf, g_buf, gy_buf, sg_buf, act_buf, gact_buf, gh_buf, gx_buf = (
-            new(rows, D), new(rows, D), new(rows, D), new(rows, Fe), new(rows, Fe), new(rows, Fe),
-            new(rows, F2), new(rows, D))
-        for e, a, b in spans:
-            n = b - a
-            tok_n, w_n1 = token_M[a:b], w_M1[a:b]
-            gate_nF, up_nF = h_MF2[a:b, :Fe], h_MF2[a:b, Fe:]
+        x_buf, g_buf, sg_buf, act_buf, gact_buf, gh_buf, gx_buf = (
+            new(rows, D), new(rows, D), new(rows, Fe), new(rows, Fe), new(rows, Fe), new(rows, F2), new(rows, D))
+        per_expert = zip(counts, token_M.split(counts), w_M1.split(counts), h_MF2[:, :Fe].split(counts),
+                         h_MF2[:, Fe:].split(counts), gw_M.split(counts), gate_up_EFD.unbind(0),
+                         down_EDF.unbind(0), g_gu.unbind(0), g_dn.unbind(0))
+        for n, tok_n, w_n1, gate_nF, up_nF, gw_n, gu_F2D, dn_DF, g_gu_F2D, g_dn_DF in per_expert:
+            if not n:
+                continue
             sg_nF = torch.ops.aten.silu.out(gate_nF, out=sg_buf[:n])
             act_nF = torch.mul(sg_nF, up_nF, out=act_buf[:n])
             g_nD = torch.index_select(g_ND, 0, tok_n, out=g_buf[:n])
-            gy_nD = torch.mul(g_nD, w_n1, out=gy_buf[:n])
-            torch.mm(gy_nD.t(), act_nF, out=g_dn[e])
-            gact_nF = torch.mm(g_nD, down_EDF[e], out=gact_buf[:n])        # d act / w
-            torch.sum(torch.mul(gact_nF, act_nF, out=act_buf[:n]), -1, out=gw_M[a:b])
+            gact_nF = torch.mm(g_nD, dn_DF, out=gact_buf[:n])                    # d act, before the weight
+            g_nD.mul_(w_n1)                                                       # d y
+            torch.mm(g_nD.t(), act_nF, out=g_dn_DF)
+            torch.sum(act_nF.mul_(gact_nF), -1, out=gw_n)                         # d w = (g @ down) . act
             gact_nF.mul_(w_n1)
             gh_nF2 = gh_buf[:n]
             torch.mul(gact_nF, sg_nF, out=gh_nF2[:, Fe:])                                          # d up
             torch.ops.aten.silu_backward.grad_input(gact_nF.mul_(up_nF), gate_nF, grad_input=gh_nF2[:, :Fe])
-            x_nD = torch.index_select(x_ND, 0, tok_n, out=x_buf[:n])
-            torch.mm(gh_nF2.t(), x_nD, out=g_gu[e])
-            gx_ND.index_add_(0, tok_n, torch.mm(gh_nF2, gate_up_EFD[e], out=gx_buf[:n]))
-        gw_NK = torch.empty_like(gw_M).index_copy_(0, order_M, gw_M).view(N, M // N)
+            torch.mm(gh_nF2.t(), torch.index_select(x_ND, 0, tok_n, out=x_buf[:n]), out=g_gu_F2D)
+            gx_ND.index_add_(0, tok_n, torch.mm(gh_nF2, gu_F2D, out=gx_buf[:n]))
+        gw_NK = torch.empty_like(gw_M).index_copy_(0, order_M, gw_M).view(N, ctx.K)
         return gx_ND, None, gw_NK, g_gu, g_dn
 
 

@@ -160,3 +160,14 @@ def test_grouped_experts_under_autocast() -> None:
     got.sum().backward()
     assert x.grad is not None and gu.grad is not None and gu.grad.dtype == torch.float32
     assert torch.isfinite(x.grad).all() and gu.grad.abs().max() > 0
+
+
+def test_grouped_experts_no_tokens() -> None:
+    x = torch.zeros(0, 4, requires_grad=True)
+    gu = torch.randn(3, 4, 4, requires_grad=True)
+    dn = torch.randn(3, 4, 2, requires_grad=True)
+    w = torch.zeros(0, 2, requires_grad=True)
+    y = grouped_experts(x, torch.zeros(0, 2, dtype=torch.long), w, gu, dn)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert gu.grad is not None and gu.grad.abs().max() == 0 and w.grad is not None and w.grad.shape == (0, 2)
