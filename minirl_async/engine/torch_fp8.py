@@ -109,6 +109,10 @@ class TorchFP8Engine:
         self.model = Qwen3MoeForCausalLM(model_cfg).to(device=self.device, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self._version = -1
+        # reset() forgets the version number (the floor for the next update), not the loaded weights: those
+        # keep serving, and their tokens keep the version they were published as (wire versions are >= 0).
+        self._has_weights = False
+        self._weights_version = -1
         S, C, dev = self.max_slots, self.max_context, self.device
         self.cache = SlotKVCache(model_cfg.num_hidden_layers, S, model_cfg.num_key_value_heads, C,
                                  model_cfg.head_dim, dtype, dev)
@@ -175,6 +179,8 @@ class TorchFP8Engine:
                     p.data = new[name]
                 self._packed = packed
                 self._version = version
+                self._has_weights = True
+                self._weights_version = version
                 self._stats["updates"] += 1
             finally:
                 self._swap_pending -= 1
@@ -190,11 +196,14 @@ class TorchFP8Engine:
             self._cv.notify_all()
 
     def reset(self) -> None:
+        """Forget the version number (learner rollback); the loaded weights keep serving until the next
+        update, whose version may then be anything >= 0. Tokens sampled meanwhile carry the version the loaded
+        weights arrived as."""
         with self._cv:
             self._version = -1
 
     def health(self) -> dict[str, Any]:
-        return {"engine": "torch_fp8", "version": self._version, "paused": self._paused, "busy": self._busy,
+        return {"engine": "torch_fp8", "version": self._version, "has_weights": self._has_weights, "paused": self._paused, "busy": self._busy,
                 "running": self._running, "waiting": self._waiting, "fp8": self.fp8,
                 "dtype": str(self.dtype).removeprefix("torch."), "capture_routes": self.capture_routes,
                 **self._stats}
@@ -225,7 +234,7 @@ class TorchFP8Engine:
 
     # ------------------------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Rollout]]:
-        if self._version < 0:
+        if not self._has_weights:
             raise RuntimeError("torch_fp8 engine has no weights yet: call update_weights(version, tensors) first")
         t0 = time.perf_counter()
         out: list[list[Rollout | None]] = []
@@ -343,7 +352,7 @@ class TorchFP8Engine:
         slots_B = torch.arange(rows.start, rows.stop)
         self._tok[slots_B, gen_B] = tok_cpu
         self._logp[slots_B, gen_B] = logp_B.cpu()
-        self._ver[slots_B, gen_B] = self._version
+        self._ver[slots_B, gen_B] = self._weights_version
         self._last[rows] = tok_B
         if advance:   # decode: the sampled token goes one position further (prefill set P already)
             self._pos[rows] += 1

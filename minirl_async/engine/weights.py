@@ -4,8 +4,9 @@ A weight update is a complete set of HF-named tensors (`models.hf_io.expected_hf
 either as FP8 (`X.weight` float8_e4m3fn + `X.weight_scale_inv` float32 `[ceil(N/b), ceil(M/b)]`, as the
 learner publishes for FP8 samplers) or as a plain floating tensor (then quantised here when the engine is
 FP8). `prepare_update` checks the whole set before anything is touched: missing, extra, misshaped,
-wrongly typed or non-finite tensors raise `WeightUpdateError` listing the offenders, and the engine keeps
-its previous weights. The result is a dict of the model's parameter tensors (experts stacked), in the
+wrongly typed or non-finite tensors (FP8 NaN bytes included, and weights that overflow once dequantised
+into the compute dtype) raise `WeightUpdateError` listing the offenders, and the engine keeps its previous
+weights. The result is a dict of the model's parameter tensors (experts stacked), in the
 compute dtype, ready to be swapped in.
 
 Why dequantise once per update (a cached copy in the compute dtype) rather than per matmul: on CPU there
@@ -89,6 +90,8 @@ def check_update(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], block: i
                                     f"({n}, {m}) float32 for block {block}")
                 elif not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
                     problems.append(f"{name + SCALE_SUFFIX} holds non-finite or non-positive scales")
+                elif _fp8_has_nan(t):
+                    problems.append(f"non-finite FP8 weight bytes (NaN) in {name}")
         else:
             if scale is not None:
                 problems.append(f"{name + SCALE_SUFFIX} given but {name} is {t.dtype}, not float8")
@@ -101,14 +104,22 @@ def check_update(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], block: i
                                 + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""))
 
 
+def _fp8_has_nan(w_fp8: torch.Tensor) -> bool:
+    """float8_e4m3fn has no inf; NaN is every byte with all exponent and mantissa bits set (0x7F, 0xFF)."""
+    return bool(((w_fp8.view(torch.uint8) & 0x7F) == 0x7F).any())
+
+
 def prepare_update(cfg: ModelConfig, named_tensors: NamedTensors, *, fp8: bool, block: int,
                    dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
     """Validate, then build the model's parameters (in-memory names, experts stacked) in `dtype`.
     FP8 engine: projections go through block-FP8 (quantised here if they arrive unquantised). Non-FP8
-    engine: FP8 inputs are dequantised, plain tensors are cast."""
+    engine: FP8 inputs are dequantised, plain tensors are cast. Every result is checked finite (a finite
+    FP8 byte times a huge scale, or a float64 value cast to bf16, can overflow), so a refused update
+    raises before the engine touches its weights."""
     tensors = as_dict(named_tensors)
     check_update(cfg, tensors, block)
     out: dict[str, torch.Tensor] = {}
+    overflow: list[str] = []
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for name in expected_hf_shapes(cfg):
         t = tensors[name]
@@ -119,11 +130,17 @@ def prepare_update(cfg: ModelConfig, named_tensors: NamedTensors, *, fp8: bool, 
             w = dequantize_block_fp8(q, s, block, dtype)
         else:
             w = t.to(device=device, dtype=dtype)
+        if not bool(torch.isfinite(w).all()):
+            overflow.append(name)
+            continue
         m = _EXPERT_RE.match(name)
         if m:
             experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = w
         else:
             out[name] = w.contiguous()
+    if overflow:
+        raise WeightUpdateError(f"weight update refused, old weights kept: non-finite values after dequantising "
+                                f"to {dtype} in {len(overflow)} tensor(s): {_list(overflow)}")
     for base, per_expert in experts.items():
         E = len(per_expert)
         out[base + ".gate_up_proj"] = torch.stack(

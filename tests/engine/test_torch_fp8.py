@@ -363,3 +363,49 @@ def test_cpu_bf16_packed_decode_agrees_with_the_model_path() -> None:
     for a, b in zip(*outs):
         n = next((i for i, (x, y) in enumerate(zip(a[0].response_ids, b[0].response_ids)) if x != y), 6)
         assert torch.allclose(a[0].logprobs[:n], b[0].logprobs[:n], atol=3e-2)
+
+
+def test_fp8_weights_that_decode_to_nan_or_inf_are_refused() -> None:
+    """FP8 bytes that encode NaN (0x7F / 0xFF in e4m3fn), or finite bytes whose scale overflows the compute
+    dtype, are refused like any other non-finite update: WeightUpdateError, old weights and version kept."""
+    cfg = tiny()
+    model = model64(cfg).float()
+    eng = TorchFP8Engine(cfg, fp8=True, fp8_block=8, dtype=torch.float32)
+    eng.update_weights(0, quantize_state(iter_hf_state(model), 8))
+    req = [GenerateRequest([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=6))]
+    before = eng.generate(req)[0][0]
+    good = dict(quantize_state(iter_hf_state(model64(cfg, seed=5).float()), 8))
+    name = "model.layers.0.mlp.experts.3.down_proj.weight"
+    nan_bytes = good[name].view(torch.uint8).clone()
+    nan_bytes[2, 5] = 0x7F                      # e4m3fn NaN
+    nan_bytes[0, 0] = 0xFF                      # the negative one
+    big_scale = good[name + "_scale_inv"].clone()
+    big_scale[0, 0] = 3e38                      # finite, but 448 * 3e38 overflows float32
+    for bad in ({**good, name: nan_bytes.view(torch.float8_e4m3fn)}, {**good, name + "_scale_inv": big_scale}):
+        with pytest.raises(WeightUpdateError, match=f"non-finite.*{name}"):
+            eng.update_weights(1, bad)
+        assert eng.version == 0
+    after = eng.generate(req)[0][0]
+    assert after.response_ids.tolist() == before.response_ids.tolist()
+    assert torch.equal(after.logprobs, before.logprobs) and after.versions.tolist() == [0] * 6
+    eng.update_weights(1, good)                  # the engine still takes a good update
+    assert eng.version == 1
+
+
+def test_reset_keeps_serving_the_loaded_weights_and_accepts_any_next_version() -> None:
+    cfg = tiny()
+    model = model64(cfg)
+    eng = engine64(cfg, model)
+    eng.update_weights(5, iter_hf_state(model))
+    req = [GenerateRequest([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=6))]
+    before = eng.generate(req)[0][0]
+    eng.reset()                                   # learner rolled back: forget the number, keep the weights
+    r = eng.generate(req)[0][0]
+    assert r.response_ids.tolist() == before.response_ids.tolist() and r.finish_reason == "length"
+    assert eng.version == -1 and r.versions.tolist() == [5] * 6    # the weights' own version (wire needs >= 0)
+    assert eng.health()["has_weights"] is True
+    eng.update_weights(2, iter_hf_state(model64(cfg, seed=5)))   # below the old 5: accepted after reset
+    assert eng.version == 2
+    assert eng.generate(req)[0][0].versions.tolist() == [2] * 6
+    with pytest.raises(WeightUpdateError, match="not above"):
+        eng.update_weights(2, iter_hf_state(model))
