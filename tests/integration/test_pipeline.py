@@ -234,3 +234,24 @@ def test_curve_encrypted_pipeline(tmp_path):
     assert proc.returncode == 0, out
     rows = metrics(tmp_path / "run")
     assert len(rows) == 4 and rows[-1]["pipeline/bad_messages"] == 0 and rows[-1]["pipeline/lost"] == 0
+
+
+def test_failing_grader_groups_are_reissued(tmp_path):
+    """A plugin grader that raises on some samples: with failure_policy = drop_group those groups are
+    re-issued (counted in pipeline/grader_errors) and the run still trains every step on whole groups."""
+    plugin = tmp_path / "flaky.py"
+    plugin.write_text(
+        "import random\n"
+        "def grade(sample):\n"
+        "    if random.random() < 0.05:\n"
+        "        raise RuntimeError('flaky grader')\n"
+        "    return float(sample.response_text.endswith(sample.meta['answer']))\n")
+    out = run_cli(tmp_path / "run", FAKE + net_overrides() + [
+        "learner.num_steps=6", f"grader.name={plugin}:grade", "grader.failure_policy=drop_group"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 6
+    last = rows[-1]
+    assert last["pipeline/grader_errors"] > 0 and last["pipeline/reissued"] >= last["pipeline/grader_errors"] - \
+        last["pipeline/requeued"]
+    assert last["pipeline/lost"] == 0 and last["pipeline/trained"] == 24
