@@ -12,6 +12,7 @@ from learner_util import make_groups, run_config
 import minirl_async.learner.trainer as trainer_mod
 from minirl_async.learner import BatchError, Group, Sample, Trainer
 from minirl_async.learner.trainer import lr_lambda
+from minirl_async.models.routing import Routing
 
 
 def _weights(tr: Trainer) -> torch.Tensor:
@@ -61,6 +62,27 @@ def test_r3_replays_sampler_routes(model):
     tr, m = _one_step(model, groups, "r3", *one_mb)
     assert not torch.allclose(_weights(tr), w_r2, atol=1e-9)
     assert m["routing/agree_frac"] < 0.5   # agreement is measured with free routing, not the replayed one
+    # the proximal pass replays the perturbed routes: pi_prox is the replayed forward's, far from mu
+    # (a proximal pass routing freely would give pi_prox == mu, k3 ~ 0)
+    want = _replayed_train_infer_k3(model, groups)
+    assert want > 1e-3
+    assert m["kl/train_infer_k3"] == pytest.approx(want, rel=1e-9)
+
+
+def _replayed_train_infer_k3(model, groups) -> float:
+    """Reference kl/train_infer_k3: one unpadded sequence at a time, plain forward replaying s.routes."""
+    total, n = 0.0, 0
+    for g in groups:
+        for s in g.samples:
+            seq = torch.cat([s.prompt_ids, s.response_ids])
+            with torch.no_grad():
+                logits = model(seq[None, :-1], routing=Routing("replay", replay_BTLK=s.routes[None]))[0]
+            P = len(s.prompt_ids)
+            lp = torch.log_softmax(logits, -1)[P - 1:].gather(-1, s.response_ids[:, None]).squeeze(-1)
+            log_rho = lp - s.rollout_logprobs.double()
+            total += float((log_rho.exp() - 1 - log_rho).sum())
+            n += len(s.response_ids)
+    return total / n
 
 
 def test_learning_increases_sequence_objective(model):
@@ -181,3 +203,23 @@ def test_micro_batches_equal_one_batch(model):
         assert torch.allclose(_weights(whole), _weights(micro), atol=1e-12, rtol=0), loss
         for key in ("loss/policy", "loss/grad_norm", "kl/staleness_k3", "policy/entropy", "routing/agree_frac"):
             assert mw[key] == pytest.approx(mm[key], rel=1e-10, abs=1e-13), (loss, key)
+
+
+@pytest.mark.parametrize("loss, invariant", [("grpo", True), ("cispo", True), ("minirl", False)])
+def test_std_normalised_advantages(model, loss, invariant):
+    # grpo/cispo divide each group's advantages by its reward std, so scaling ONE group's rewards by 10
+    # leaves the step unchanged (up to the std epsilon); minirl's A = R - mean scales that group's
+    # share of the gradient by 10, which moves the AdamW step (scaling ALL rewards would not: the first
+    # AdamW update is nearly invariant to the gradient's scale)
+    rewards = [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    one_mb = ("learner.minibatch_groups=2", f"algo.loss={loss}")
+    base = _weights(_one_step(model, make_groups(model, seed=9, rewards=rewards), "r2", *one_mb)[0])
+    scaled = [[10 * r for r in rewards[0]], rewards[1]]
+    w = _weights(_one_step(model, make_groups(model, seed=9, rewards=scaled), "r2", *one_mb)[0])
+    w0 = _weights(Trainer(run_config(), copy.deepcopy(model)))
+    assert float((base - w0).abs().max()) > 1e-3   # the step moved the weights
+    diff = float((w - base).abs().max())
+    if invariant:
+        assert diff < 1e-4, diff   # 1e-5 is the std epsilon (some gradient entries nearly cancel)
+    else:
+        assert diff > 1e-3, diff
