@@ -311,7 +311,8 @@ class LearnerHub:
         router = work_router(ctx, net.work_addr, opts)
         pub = weights_pub(ctx, net.weights_addr, opts)
         pull = scored_pull(ctx, net.scored_addr, opts)
-        fp8_block = cfg.model.fp8_block_size if cfg.sampler.fp8 and cfg.sampler.engine == "torch_fp8" else 0
+        # FP8 samplers (torch_fp8 and SGLang alike) get block-FP8 weights + scales: neither re-quantises.
+        fp8_block = cfg.model.fp8_block_size if cfg.sampler.fp8 else 0
         # Several ranks: re-serialising for a late joiner would be a collective walk on rank 0 alone, so the
         # published chunks are kept instead.
         sender = WeightSender(int(net.weight_chunk_mb * (1 << 20)), fp8_block=fp8_block,
