@@ -255,3 +255,50 @@ def test_failing_grader_groups_are_reissued(tmp_path):
     assert last["pipeline/grader_errors"] > 0 and last["pipeline/reissued"] >= last["pipeline/grader_errors"] - \
         last["pipeline/requeued"]
     assert last["pipeline/lost"] == 0 and last["pipeline/trained"] == 24
+
+
+@pytest.mark.slow
+def test_real_compute_survives_sampler_and_learner_kills(tmp_path):
+    """The same SIGKILL drill with the real engine and trainer: the learner resumes from its checkpoint
+    (model, optimizer, controller), the sampler that holds newer weights resets its engine and reloads."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from minirl_async.bench.overlap import _random_checkpoint
+
+    ckpt = _random_checkpoint(tmp_path / "init")
+    steps = 10
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "minirl_async.cli", "run", "-c", "configs/tiny.toml", f"run.dir={run}",
+           *net_overrides(), f"run.sft_checkpoint={ckpt}", "run.progress=false", "run.eval_after=false",
+           f"learner.num_steps={steps}", "learner.checkpoint_every=2", "learner.groups_per_step=4",
+           "learner.minibatch_groups=4", "algo.group_size=4", "sampler.max_batch_size=16",
+           "sampler.max_new_tokens=16", "staleness.lease_s=5", "run.stop_grace_s=3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    victims = [("sampler-0", 2), ("learner", 5)]
+    try:
+        deadline = time.monotonic() + 400
+        while victims and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            path = run / "metrics.jsonl"
+            done = len(path.read_text().splitlines()) if path.is_file() else 0
+            if done >= victims[0][1]:
+                os.kill(json.loads((run / "status" / "pids.json").read_text())[victims[0][0]], signal.SIGKILL)
+                victims.pop(0)
+        assert not victims
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    events = (run / "events.log").read_text()
+    assert "resumed at version" in events
+    by_step = trained_ids_by_step(run)
+    assert sorted(by_step) == list(range(steps))
+    ids = [g for s in range(steps) for g in by_step[s]]
+    assert len(ids) == len(set(ids))
+    assert metrics(run)[-1]["pipeline/lost"] == 0
