@@ -104,6 +104,10 @@ class SamplerSection(_Section):
     """Top-k sampling (0 = off)."""
     max_new_tokens: int = Field(64, ge=1)
     """Longest response."""
+    max_context: int = Field(0, ge=0)
+    """Tokens per sequence the KV cache holds: prompt + response; 0 = model.max_position_embeddings.
+    The embedded engine preallocates max_batch_size x max_context cache rows: set it for real models;
+    longer prompts are refused (abort), responses stop at the limit (finish_reason 'length')."""
     capture_routes: bool = True
     """Return routed experts (needed for R3 and routing metrics)."""
     interruptible: bool = False

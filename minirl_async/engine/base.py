@@ -106,7 +106,7 @@ class GenerateRequest:
             raise ValueError("empty prompt: give at least one prompt token")
         if len(prompt) >= max_context:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context of {max_context} "
-                             f"tokens; shorten the prompt to at most {max_context - 1} tokens")
+                             f"tokens; shorten the prompt to at most {max_context - 1} tokens (or raise sampler.max_context)")
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt holds token ids outside [0, {vocab_size}): {bad[:5]}")

@@ -98,9 +98,13 @@ class TorchFP8Engine:
         self.cfg = model_cfg
         self.fp8, self.fp8_block, self.dtype, self.device = fp8, fp8_block, dtype, torch.device(device)
         self.max_slots = max_batch_size
+        # Cache, token buffers and rope table are preallocated for max_slots x max_context positions, so a
+        # real model's max_position_embeddings (tens of thousands) must not be the default in production:
+        # set sampler.max_context.
         self.max_context = max_context or model_cfg.max_position_embeddings
-        if self.max_context < 2:
-            raise ValueError(f"max_context must be >= 2, got {self.max_context}")
+        if not 2 <= self.max_context <= model_cfg.max_position_embeddings:
+            raise ValueError(f"sampler.max_context={self.max_context}: must be in 2..{model_cfg.max_position_embeddings}"
+                             " (model max_position_embeddings), or 0 for the model's limit")
         self.capture_routes = capture_routes and model_cfg.num_moe_layers > 0
         self.interruptible = interruptible
         self.packed_decode = packed_decode  # fast_decode.py; False: decode through the model's own forward
@@ -144,7 +148,8 @@ class TorchFP8Engine:
     def from_config(cls, cfg: Config, model_cfg: ModelConfig) -> TorchFP8Engine:
         s = cfg.sampler
         return cls(model_cfg, fp8=s.fp8, fp8_block=cfg.model.fp8_block_size, dtype=_DTYPES[s.compute_dtype],
-                   device=s.device, max_batch_size=s.max_batch_size, capture_routes=s.capture_routes,
+                   device=s.device, max_batch_size=s.max_batch_size, max_context=s.max_context or None,
+                   capture_routes=s.capture_routes,
                    interruptible=s.interruptible, seed=cfg.run.seed)
 
     # ------------------------------------------------------------------------------------ control plane

@@ -409,3 +409,27 @@ def test_reset_keeps_serving_the_loaded_weights_and_accepts_any_next_version() -
     assert eng.generate(req)[0][0].versions.tolist() == [2] * 6
     with pytest.raises(WeightUpdateError, match="not above"):
         eng.update_weights(2, iter_hf_state(model))
+
+
+def test_sampler_max_context_sizes_the_cache_and_caps_prompts_and_responses() -> None:
+    cfg = Config()
+    cfg.sampler.compute_dtype = "fp32"
+    cfg.sampler.fp8 = False
+    cfg.sampler.max_batch_size = 3
+    cfg.sampler.max_context = 16
+    mcfg = tiny()                                          # max_position_embeddings 40
+    eng = make_engine(cfg, model_cfg=mcfg, state=iter_hf_state(model64(mcfg).float()), version=0)
+    assert isinstance(eng, TorchFP8Engine) and eng.max_context == 16
+    assert eng.cache.k.shape == (mcfg.num_hidden_layers, 3, mcfg.num_key_value_heads, 16, mcfg.head_dim)
+    assert eng._tok.shape == (3, 16) and eng._routes is not None and eng._routes.shape[1] == 16
+    p = SamplingParams(temperature=0, max_new_tokens=50)
+    fits, too_long = eng.generate([GenerateRequest(list(range(1, 16)), p), GenerateRequest(list(range(1, 17)), p)])
+    assert fits[0].finish_reason == "length" and fits[0].num_tokens == 1          # 15 + 1 = 16 positions
+    assert too_long[0].finish_reason == "abort" and too_long[0].num_tokens == 0
+    assert too_long[0].error is not None and "at most 15 tokens" in too_long[0].error
+    assert "sampler.max_context" in too_long[0].error
+    cfg.sampler.max_context = 0                            # default: the model's max_position_embeddings
+    assert TorchFP8Engine.from_config(cfg, mcfg).max_context == 40
+    cfg.sampler.max_context = 41
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        TorchFP8Engine.from_config(cfg, mcfg)
