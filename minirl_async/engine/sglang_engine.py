@@ -25,6 +25,10 @@ What SGLang is asked for (checked against the sglang source, python/sglang/srt/.
   begin/end/update_weight_version in every version: they are called on `engine.tokenizer_manager` through
   `engine.loop` when the Engine lacks them.
 
+Log-probs: SGLang reports log_softmax(logits / T) of each sampled token, the quantity the learner recomputes
+(ALGORITHM.md). With the environment variable `SGLANG_RETURN_ORIGINAL_LOGPROB` set it reports the T = 1
+values instead; the adapter warns once when that meets a temperature other than 0 or 1.
+
 Threading: like the embedded engine, `generate` blocks; `update_weights` waits for a running `generate` to
 finish (this adapter is never interruptible: SGLang does not report per-token versions). A failed update
 may leave SGLang half-updated (SGLang says so); the adapter then refuses to generate until a complete update
@@ -37,6 +41,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import os
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -53,8 +59,16 @@ from minirl_async.models.routing import routes_dtype
 if TYPE_CHECKING:
     from minirl_async.config import Config
 
+log = logging.getLogger(__name__)
 _MISSING = object()
 UPDATE_BUCKET_BYTES = 512 << 20
+ORIGINAL_LOGPROB_ENV = "SGLANG_RETURN_ORIGINAL_LOGPROB"
+"""When truthy, SGLang returns log_softmax(logits) (temperature 1) instead of log_softmax(logits / T)."""
+
+
+def original_logprob_env() -> bool:
+    """Whether SGLang will return pre-temperature logprobs (it reads the variable as a bool: "1"/"true")."""
+    return os.environ.get(ORIGINAL_LOGPROB_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class SGLangFormatError(ValueError):
@@ -148,6 +162,7 @@ class SGLangEngine:
         self._lock = threading.Lock()      # held by generate; updates wait for it (version boundary)
         self._paused = False
         self._broken: str | None = None    # last failed update's message: SGLang may be half-updated
+        self._warned_original_logprob = False
         self._stats = {"requests": 0, "refused_requests": 0, "updates": 0, "refused_updates": 0}
 
     @classmethod
@@ -165,7 +180,7 @@ class SGLangEngine:
             kw["quantization"] = "fp8"
         kw.update(s.sglang.extra_args)
         return cls(sglang.Engine(**kw), model_cfg, version=version, fp8=s.fp8, fp8_block=cfg.model.fp8_block_size,
-                   capture_routes=s.capture_routes)
+                   capture_routes=s.capture_routes, max_context=s.max_context or None)
 
     # ------------------------------------------------------------------------------------ helpers
     def _call(self, method: str, request_class: str | None = None, **kw: Any) -> Any:
@@ -227,6 +242,13 @@ class SGLangEngine:
                 out.append([aborted(bad, f"request {req.request_id or r}: {e}") for _ in range(n)])
                 continue
             p = req.params
+            if p.temperature not in (0, 1) and not self._warned_original_logprob and original_logprob_env():
+                # T = 0 is greedy: the learner then uses T = 1 too, so only other temperatures disagree.
+                self._warned_original_logprob = True
+                log.warning("%s is set, so SGLang returns temperature-1 logprobs, but requests sample at "
+                            "temperature %g: the learner recomputes log_softmax(logits / %g) and the importance "
+                            "ratios will be wrong; unset %s", ORIGINAL_LOGPROB_ENV, p.temperature,
+                            p.temperature, ORIGINAL_LOGPROB_ENV)
             out.append([])
             for j in range(p.n):
                 sp: dict[str, Any] = {"temperature": p.temperature, "top_p": p.top_p,

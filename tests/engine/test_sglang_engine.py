@@ -8,6 +8,7 @@ against the real thing (skipped without a GPU or sglang).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,28 @@ def test_real_sglang_engine_roundtrip(tmp_path: Path) -> None:
         assert eng.version == 1
     finally:
         eng.engine.shutdown()
+
+
+@pytest.mark.parametrize("env, temperatures, warns", [
+    ("1", (0.7, 0.5), True),          # T=1 logprobs against a learner using logits / 0.7: warn, once
+    ("True", (0.7,), True),
+    ("1", (1.0, 0.0), False),         # T = 1 and greedy (learner uses T = 1) agree with SGLang's values
+    ("0", (0.7,), False),
+    (None, (0.7,), False),
+])
+def test_warns_once_when_original_logprob_env_meets_a_temperature(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, env: str | None,
+        temperatures: tuple[float, ...], warns: bool) -> None:
+    if env is None:
+        monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
+    else:
+        monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", env)
+    eng = SGLangEngine(FakeSGLang(), tiny(), version=0)
+    with caplog.at_level(logging.WARNING, logger="minirl_async.engine.sglang_engine"):
+        for _ in range(2):
+            eng.generate([GenerateRequest([1, 2, 3], SamplingParams(temperature=t, max_new_tokens=4))
+                          for t in temperatures])
+    hits = [r for r in caplog.records if "SGLANG_RETURN_ORIGINAL_LOGPROB" in r.getMessage()]
+    assert len(hits) == (1 if warns else 0)
+    if warns:
+        assert hits[0].levelno == logging.WARNING and "temperature 0.7" in hits[0].getMessage()
