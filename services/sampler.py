@@ -77,6 +77,7 @@ class SamplerService:
         self.busy_log: Any = None
         self.generating = False
         self.new_weights = asyncio.Event()
+        self.duplicate_chunks = 0
 
     @property
     def version(self) -> int:
@@ -98,7 +99,12 @@ class SamplerService:
     def on_weights(self, msg: Message, _peer: bytes | None) -> None:
         if not isinstance(msg, WeightUpdate):
             raise ProtocolError(f"unexpected {msg.TYPE} on the weights channel")
-        ws = self.receiver.feed(msg)  # ProtocolError for bad/old chunks: counted and dropped
+        if msg.version <= self.receiver.version:
+            # The same version can arrive twice (broadcast and, after a WeightsRequest, our personal topic):
+            # expected, not an error.
+            self.duplicate_chunks += 1
+            return
+        ws = self.receiver.feed(msg)  # ProtocolError for bad chunks: counted and dropped
         if ws is not None:
             self.pending = ws
             self.new_weights.set()  # a backed-off sampler asks again at once: admission moved with the version
