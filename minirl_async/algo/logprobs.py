@@ -1,9 +1,10 @@
 """Token log-probabilities and full-vocabulary entropy from hidden states, chunked over tokens.
 
 The learner computes `log softmax(logits / temperature)` at the sampled tokens (the sampler does the same;
-`temperature` = `sampler.temperature`, 1 when sampling greedily). A `[B, T, V]` logits tensor (plus its
-float32 copy and the softmax for the backward) is the largest activation of an LLM step, so the LM head
-runs on `chunk` tokens at a time; with gradients and more than one chunk, each chunk is checkpointed, so
+`temperature` = `sampler.temperature`, 1 when sampling greedily). With bf16 (or fp16) hidden states and
+weight, the LM head matmul and the softmax run in float32 on upcast operands (no bf16 rounding of the
+logits). A `[B, T, V]` logits tensor (plus the softmax for the backward) is the largest activation of an
+LLM step, so the LM head runs on `chunk` tokens at a time; with gradients and more than one chunk, each chunk is checkpointed, so
 only the hidden states are kept for the backward and one chunk of logits is live at any time.
 
     logp_BT, ent_BT = chunked_logprobs(hidden_BTD, lm_head.weight, targets_BT, temperature=1.0, chunk=1024,
@@ -20,10 +21,13 @@ from torch.utils.checkpoint import checkpoint
 
 def _chunk_fn(h_ND: torch.Tensor, w_VD: torch.Tensor, y_N: torch.Tensor, inv_temp: float,
               with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # Softmax in at least float32 whatever the compute dtype (bf16 logits lose ~3 digits); fp64 stays fp64.
-    logits_NV = torch.nn.functional.linear(h_ND, w_VD)
-    cdt = torch.float64 if logits_NV.dtype == torch.float64 else torch.float32
-    logits_NV = logits_NV.to(cdt) * inv_temp
+    # LM head and softmax in at least float32 whatever the compute dtype: bf16 logits lose ~3 digits, which
+    # would add the learner's own rounding to the train-inference gap. The bf16 hidden and weight are exact
+    # in fp32, so upcasting them (one chunk at a time: the fp32 weight copy is transient) gives the exact
+    # products of the bf16 operands; fp64 stays fp64.
+    if h_ND.dtype not in (torch.float32, torch.float64):
+        h_ND, w_VD = h_ND.float(), w_VD.float()
+    logits_NV = torch.nn.functional.linear(h_ND, w_VD) * inv_temp
     logz_N = torch.logsumexp(logits_NV, dim=-1)
     logp_N = logits_NV.gather(-1, y_N[:, None]).squeeze(-1) - logz_N
     if with_entropy:

@@ -68,3 +68,29 @@ def test_routing_agreement_compares_sets():
     assert out == {"routing/agree_frac": 0.75, "routing/agree_frac_l0": 0.5, "routing/agree_frac_l2": 1.0}
     with pytest.raises(ValueError, match="differ in shape"):
         routing_agreement(learner, sampler[:, :2], valid)
+
+
+def test_bf16_head_is_computed_in_fp32():
+    # bf16 model: the log-probs are those of the fp32 product of the SAME bf16 hidden and weight (no bf16
+    # rounding of the logits on the learner side), and the gradients come back in bf16
+    from minirl_async.models.config import ModelConfig
+    from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=24, moe_intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        initializer_range=0.5)).to(torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    h = model.forward_hidden(ids).detach().requires_grad_(True)
+    w = model.lm_head.weight
+    lp, ent = chunked_logprobs(h, w, y, temperature=0.7, chunk=4, with_entropy=True)
+    assert lp.dtype == torch.float32 and ent is not None
+    # reference in fp64 on the same bf16 operands (exact in fp64): fp32 accuracy of log-probs near -10
+    ref = torch.log_softmax(h.detach().double() @ w.detach().double().T / 0.7, -1).gather(-1, y[..., None])[..., 0]
+    assert float((lp.detach().double() - ref).abs().max()) < 2e-5
+    bf16_logits = torch.log_softmax((h.detach() @ w.detach().T).float() / 0.7, -1).gather(-1, y[..., None])[..., 0]
+    assert float((bf16_logits - ref).abs().max()) > 1e-3   # the rounding the fp32 head avoids
+    lp.sum().backward()
+    assert h.grad is not None and h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
