@@ -7,10 +7,14 @@ string, or anything not a number / GradeResult). Policy (`grader.failure_policy`
 - `zero`: a failed sample scores 0.0 and the group is kept;
 - `drop_group`: the group is marked `dropped` (the controller re-issues the prompt; nothing is trained on).
 
-Sync graders run in a thread pool (so a slow one does not stall the event loop); a sync grader that hangs
-cannot be killed from Python: its thread is abandoned after the timeout and, once `concurrency` threads are
-stuck, a fresh pool replaces the old one. Async graders are cancelled at the timeout. Code under test never
-runs here: the `code` grader runs it in a sandboxed subprocess.
+Sync graders run each call in its own daemon thread (so a slow one does not stall the event loop, and the
+timeout clock starts when the grader starts, never while it waits for a worker). A sync grader that hangs
+cannot be killed from Python: its thread is abandoned at the timeout and counted in `stuck_threads` until it
+finishes (a done-callback takes it off). Abandoned threads do not hold a grading slot, but at most
+`concurrency` of them may exist: beyond that new sync calls wait (not timed) until one finishes, so a
+grader that hangs for good costs at most 2 x `concurrency` threads, never an unbounded number. Async graders
+are cancelled at the timeout. Code under test never runs here: the `code` grader runs it in a sandboxed
+subprocess.
 
     runner = GraderRunner.from_config(cfg.grader)        # loads the grader now: import errors surface at start
     result = await runner.grade_group(samples)           # GroupGrade(rewards, infos, errors, dropped)
@@ -19,16 +23,20 @@ runs here: the `code` grader runs it in a sandboxed subprocess.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
+import logging
 import math
 import numbers
+import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from minirl_async.config import GraderSection
 from minirl_async.graders.base import Grader, GradeResult, Sample, load_grader
+
+log = logging.getLogger(__name__)
 
 ERROR_KINDS = ("raised", "import", "timeout", "non_finite", "bad_type")
 
@@ -94,7 +102,7 @@ class GraderRunner:
         self.num_dropped_groups = 0
         self._sem: asyncio.Semaphore | None = None
         self._sem_loop: asyncio.AbstractEventLoop | None = None
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="grader")
+        self._stuck_lock = threading.Lock()  # abandoned threads finish (and uncount) on their own threads
         self._stuck_threads = 0
 
     @classmethod
@@ -103,20 +111,60 @@ class GraderRunner:
         grader = load_grader(section.name, section.kwargs)
         return cls(grader, section.concurrency, section.timeout_s, section.failure_policy)
 
+    @property
+    def stuck_threads(self) -> int:
+        """Sync grader threads abandoned at the timeout that are still running."""
+        return self._stuck_threads
+
+    def _unstick(self, _fut: concurrent.futures.Future[Any]) -> None:
+        with self._stuck_lock:
+            self._stuck_threads -= 1
+
+    async def _wait_for_thread_capacity(self) -> None:
+        # Polled rather than awaited on a condition: threads finish on their own, possibly after the event
+        # loop that abandoned them closed (the runner is reused across asyncio.run calls).
+        warned = False
+        while self._stuck_threads >= self.concurrency:
+            if not warned:
+                log.warning("all %d stuck-thread slots are held by hung sync graders; grading waits for one to "
+                            "finish (fix the grader, or make it async so it can be cancelled)", self.concurrency)
+                warned = True
+            await asyncio.sleep(0.02)
+
+    def _start_thread(self, sample: Sample) -> concurrent.futures.Future[Any]:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()  # running: cancelling the asyncio wrapper cannot cancel it
+
+        def run() -> None:
+            try:
+                fut.set_result(self.grader(sample))
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine, which classifies it
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name="grader", daemon=True).start()
+        return fut
+
     async def _call(self, sample: Sample) -> Any:
         if self.is_async:
             return await asyncio.wait_for(self.grader(sample), self.timeout_s)  # type: ignore[arg-type]
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, self.grader, sample)
+        await self._wait_for_thread_capacity()
+        fut = self._start_thread(sample)  # the timeout starts now, with the grader running
+        waiter = asyncio.wrap_future(fut)
         try:
-            out = await asyncio.wait_for(fut, self.timeout_s)
-        except TimeoutError:
-            self._stuck_threads += 1
-            if self._stuck_threads >= self.concurrency:  # every worker is stuck: start a fresh pool
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="grader")
-                self._stuck_threads = 0
-            raise
+            await asyncio.wait({waiter}, timeout=self.timeout_s)
+        finally:
+            if not fut.done():  # timed out (or we were cancelled): abandon the thread, count it until it ends
+                with self._stuck_lock:
+                    self._stuck_threads += 1
+                fut.add_done_callback(self._unstick)  # runs at once if it finished in between
+                waiter.cancel()
+        if waiter.cancelled():
+            raise TimeoutError
+        if waiter.done():
+            out = waiter.result()  # re-raises what the grader raised (and marks it retrieved)
+        else:  # finished just at the timeout: its result is still on its way to the loop
+            waiter.cancel()
+            out = fut.result()
         if inspect.isawaitable(out):  # a sync callable that returned a coroutine
             out = await asyncio.wait_for(out, self.timeout_s)
         return out
@@ -166,4 +214,4 @@ class GraderRunner:
         return out
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to release: grader threads are daemons (a hung one never blocks interpreter exit)."""

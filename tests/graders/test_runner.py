@@ -93,12 +93,88 @@ def test_stuck_sync_threads_do_not_block_later_groups() -> None:
             release.wait(5)
         return 1.0
 
-    runner = GraderRunner(stuck_then_fine, concurrency=2, timeout_s=0.2, failure_policy="zero")
+    runner = GraderRunner(stuck_then_fine, concurrency=3, timeout_s=0.2, failure_policy="zero")
     first = asyncio.run(runner.grade_group(_samples("stuck", "stuck")))
     assert first.errors == ["timeout", "timeout"]
-    second = asyncio.run(runner.grade_group(_samples("ok", "ok")))  # a fresh pool replaced the stuck one
-    assert second.rewards == [1.0, 1.0]
+    # Abandoned threads do not hold grading slots: the next group grades at full concurrency.
+    second = asyncio.run(runner.grade_group(_samples("ok", "ok", "ok")))
+    assert second.rewards == [1.0, 1.0, 1.0]
     release.set()
+    runner.close()
+
+
+def test_stuck_count_returns_to_zero_when_hung_graders_finish() -> None:
+    release = threading.Event()
+
+    def hangs(sample: Sample) -> float:
+        release.wait(10)
+        return 1.0
+
+    runner = GraderRunner(hangs, concurrency=3, timeout_s=0.1, failure_policy="zero")
+    res = asyncio.run(runner.grade_group(_samples("a", "b")))
+    assert res.errors == ["timeout", "timeout"] and runner.stuck_threads == 2
+    release.set()
+    deadline = time.monotonic() + 10
+    while runner.stuck_threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runner.stuck_threads == 0
+    runner.close()
+
+
+def test_time_waiting_behind_stuck_threads_does_not_count_against_the_timeout() -> None:
+    # One grader hangs (abandoned, its thread still running). Then "first" waits until "second" has started:
+    # both must run at once; with a pool whose worker is stuck, "second" would queue behind "first" and the
+    # time queued would count against the timeout of both.
+    release, second_started = threading.Event(), threading.Event()
+
+    def grader(sample: Sample) -> float:
+        if sample.response_text == "hang":
+            release.wait(10)
+        elif sample.response_text == "first":
+            return float(second_started.wait(10))
+        elif sample.response_text == "second":
+            second_started.set()
+        return 1.0
+
+    runner = GraderRunner(grader, concurrency=2, timeout_s=1.0, failure_policy="zero")
+    first = asyncio.run(runner.grade_group(_samples("hang")))
+    assert first.errors == ["timeout"] and runner.stuck_threads == 1
+    res = asyncio.run(runner.grade_group(_samples("first", "second")))
+    assert res.errors == [None, None] and res.rewards == [1.0, 1.0]
+    release.set()
+    runner.close()
+
+
+def test_after_concurrency_hung_graders_a_normal_one_waits_for_capacity_then_succeeds() -> None:
+    release = threading.Event()
+    events: list[str] = []
+
+    def grader(sample: Sample) -> float:
+        if sample.response_text == "hang":
+            release.wait(10)
+            return 1.0
+        events.append("graded")
+        return 1.0
+
+    runner = GraderRunner(grader, concurrency=2, timeout_s=0.2, failure_policy="zero")
+    hung = asyncio.run(runner.grade_group(_samples("hang", "hang")))
+    assert hung.errors == ["timeout", "timeout"] and runner.stuck_threads == 2
+
+    async def normal_while_stuck() -> Any:
+        task = asyncio.ensure_future(runner.grade_group(_samples("ok")))
+        await asyncio.sleep(0.5)  # longer than timeout_s: waiting for capacity is not grading time
+        events.append("released")
+        release.set()
+        return await task
+
+    res = asyncio.run(normal_while_stuck())
+    # Every thread slot was held by a hung grader: the normal one started only once one of them finished.
+    assert events == ["released", "graded"]
+    assert res.errors == [None] and res.rewards == [1.0]
+    deadline = time.monotonic() + 10
+    while runner.stuck_threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runner.stuck_threads == 0
     runner.close()
 
 
