@@ -136,6 +136,7 @@ def export_hf(trainer: Trainer, folder: str | Path, dtype: torch.dtype | None = 
     from minirl_async.models.hf_io import save_hf
 
     out = Path(folder)
+    trainer.reshard()   # fp32 masters, not the bf16 copies of the FSDP root unit
     if trainer.rank == 0:
         save_hf(trainer.model, trainer.mcfg, out, dtype=dtype)
     else:

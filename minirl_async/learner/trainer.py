@@ -326,8 +326,17 @@ class Trainer:
         return out
 
     # ---- weights and checkpoints ---------------------------------------------------------------------
+    def reshard(self) -> None:
+        """Put the sharded fp32 master parameters back on the modules. FSDP2 keeps the ROOT unit (embedding,
+        final norm, LM head) unsharded after a forward, so until the next backward its module attributes are
+        the compute-dtype (bf16) copies; reading weights through `self.model` must call this first."""
+        reshard = getattr(self.policy, "reshard", None)
+        if reshard is not None:
+            reshard()
+
     def iter_full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """`(hf_name, full fp32 tensor)` one parameter at a time; every rank must iterate (collectives)."""
+        self.reshard()
         return iter_full_state(self.model)
 
     def save_checkpoint(self, root: str | Path, extra: dict[str, Any] | None = None) -> Path | None:

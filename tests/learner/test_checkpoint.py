@@ -102,3 +102,33 @@ def test_export_hf_loads_in_ours_and_transformers(tmp_path, model):
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
         got = hf(ids).logits
     assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+
+
+def test_bf16_compute_publishes_fp32_masters(tmp_path, model):
+    # bf16 compute in one process runs FSDP2 on a world-1 group; after a step its root unit (embedding,
+    # final norm, LM head) is left unsharded as bf16 copies: published / exported weights must still be the
+    # fp32 masters the optimizer updates
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from minirl_async.models.hf_io import load_hf
+
+    assert not dist.is_initialized()
+    try:
+        tr = Trainer(run_config("learner.compute_dtype=bf16"), copy.deepcopy(model).float())
+        tr.train_step(make_groups(model), "r2")
+        state = _state(tr)   # first: reading the state dict below reshards the root as a side effect
+        masters = get_model_state_dict(tr.policy, options=StateDictOptions(full_state_dict=True))
+        assert masters["model.lm_head.weight"].dtype == torch.float32
+        assert all(t.dtype == torch.float32 for t in state.values())
+        assert torch.equal(state["lm_head.weight"], masters["model.lm_head.weight"])
+        assert torch.equal(state["model.embed_tokens.weight"], masters["model.model.embed_tokens.weight"])
+        tr.train_step(make_groups(model), "r2")   # forward again: the root is unsharded once more
+        out = tr.export_hf(tmp_path / "hf")
+        loaded, _ = load_hf(out, dtype=torch.float32)
+        masters = get_model_state_dict(tr.policy, options=StateDictOptions(full_state_dict=True))
+        assert torch.equal(loaded.lm_head.weight, masters["model.lm_head.weight"])
+        assert torch.equal(loaded.model.norm.weight, masters["model.model.norm.weight"])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

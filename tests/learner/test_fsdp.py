@@ -75,7 +75,7 @@ def test_two_ranks_match_one_rank_fp64(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_bf16_close_to_one_rank(tmp_path):
     # bf16 compute: the two runs sum gradients in different orders and bf16 rounds differently; only
-    # closeness is expected (tolerances below; weights to 2e-2 absolute after 3 steps)
+    # closeness is expected (tolerances below)
     got = _launch(tmp_path / "two", "float32", "bf16")
     ref = _launch(tmp_path / "one", "float32", "bf16", world=1)   # one rank: FSDP on a world-1 group
     ref_metrics, ref_state = ref["metrics"], ref["state"]
@@ -86,5 +86,10 @@ def test_two_ranks_bf16_close_to_one_rank(tmp_path):
             assert a["loss/policy"] == pytest.approx(b["loss/policy"], rel=1e-2, abs=1e-3)
         assert a["loss/grad_norm"] == pytest.approx(b["loss/grad_norm"], rel=5e-2)
         assert a["policy/entropy"] == pytest.approx(b["policy/entropy"], rel=1e-2)
-    for name, t in ref_state.items():
-        assert torch.allclose(got["state"][name], t, atol=2e-2), name
+    # Adam moves a weight by about lr per update whatever its gradient's size, so a weight whose gradient is
+    # ~0 can move in opposite directions in the two runs (up to 2 lr per update); the bulk agrees closely
+    assert set(got["state"]) == set(ref_state)
+    assert all(t.dtype == torch.float32 for t in got["state"].values())   # fp32 masters, not bf16 copies
+    d = torch.cat([(got["state"][name] - t).abs().reshape(-1) for name, t in ref_state.items()])
+    assert float((d > 5e-3).double().mean()) < 5e-3, float((d > 5e-3).double().mean())
+    assert float(d.max()) < 2 * 0.01 * 2 * 3   # lr 0.01, 2 updates per step, 3 steps
