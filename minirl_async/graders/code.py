@@ -1,6 +1,7 @@
 """The `code` grader: runs a response's program against tests in a sandboxed subprocess, never in-process.
 
-Task metadata: `tests` (Python source run after the program; pass = exit status 0, e.g. asserts) and/or
+Task metadata: `tests` (Python source run after the program, in its namespace; pass = they finish without
+an exception, e.g. asserts) and/or
 `test_cases` ([{"input": stdin, "output": expected stdout}], compared after stripping). The program is the
 last fenced code block of the response, or the whole response. Reward 1.0 when every test passes (or the
 fraction passed with `partial=True`).
@@ -15,7 +16,13 @@ What is enforced (`CodeGrader.enforced` lists what this machine allows; see `_pr
   group) dies with the child; unprivileged users get it through a user namespace (`--map-root-user`);
 - always, as a second line: an audit hook in the child refusing socket connect/bind/sendto/getaddrinfo
   (a pure-Python guard; native code could bypass it, the namespace cannot be bypassed);
-- a fresh temporary directory as cwd and HOME, removed afterwards; `python -I` (no user site, no env vars).
+- a fresh temporary directory as cwd and HOME, removed afterwards; `python -I` (no user site, no env vars);
+- tests cannot be skipped by leaving early: the harness runs the program (a SystemExit there fails), then
+  the tests, then prints a per-run random nonce that it read from a pipe and closed before the program
+  started; the run passes only if that nonce is in stdout, so `sys.exit(0)`, `os._exit(0)`, an atexit hook
+  or a signal before the tests end all fail. The program and the tests share one interpreter (the tests
+  need its functions), so this stops exits and harness tampering through builtins, files and descriptors,
+  not a program written to dig the nonce out of the harness's frames in memory.
 
     grader = CodeGrader(timeout_s=5, memory_mb=512)
     await grader(Sample("...", "```python\\nprint(int(input()) * 2)\\n```", {"test_cases": [...]}))
@@ -27,6 +34,7 @@ import asyncio
 import os
 import re
 import resource
+import secrets
 import shutil
 import signal
 import stat
@@ -48,10 +56,66 @@ def _no_network(event, args):
                  "socket.gethostbyname", "socket.gethostbyname_ex", "socket.gethostbyaddr"):
         raise PermissionError("network access is disabled in the code grader")
 sys.addaudithook(_no_network)
-import runpy
-prog = sys.argv[1]
-sys.argv = [prog]
-runpy.run_path(prog, run_name="__main__")
+
+
+def _run_script(prog):  # stdin/stdout cases: the program alone, as __main__; its output is what is graded
+    import runpy
+    sys.argv = [prog]
+    runpy.run_path(prog, run_name="__main__")
+
+
+def _run_with_tests(prog, tests_path, nonce_fd):
+    # Everything the epilogue needs is read or bound here, before the program runs: the program may
+    # rewrite the files, rebind builtins (exec, compile, print) or module attributes (os.write, sys.exit).
+    import builtins, os, types
+    _exec, _compile, _write, _exit, _settrace, _setprofile = exec, compile, os.write, os._exit, \
+        sys.settrace, sys.setprofile
+    with open(prog) as f:
+        prog_src = f.read()
+    with open(tests_path) as f:
+        tests_src = f.read()
+    with os.fdopen(nonce_fd, "rb") as f:  # closed now: the program cannot read it from the descriptor
+        nonce = f.read()
+    err = sys.stderr
+
+    def fail(msg):
+        try:
+            sys.stdout.flush()
+        except Exception:
+            pass
+        err.write(msg + "\n")
+        err.flush()
+        _exit(1)
+
+    mod = types.ModuleType("__main__")
+    mod.__file__, mod.__builtins__ = prog, builtins
+    sys.modules["__main__"] = mod
+    sys.argv = [prog]
+    try:
+        _exec(_compile(prog_src, prog, "exec"), mod.__dict__)
+    except SystemExit as e:
+        fail(f"the program exited (SystemExit({e.code!r})) before the tests ran")
+    _settrace(None)  # a trace function could jump over the asserts
+    _setprofile(None)
+    try:
+        _exec(_compile(tests_src, "tests.py", "exec"), mod.__dict__)
+    except SystemExit as e:
+        fail(f"SystemExit({e.code!r}) raised while the tests ran")
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    # Reached only when every test ran and passed; an exit anywhere earlier (sys.exit, os._exit, a signal,
+    # an atexit hook) never writes it, and the program cannot print it itself: it never saw the nonce.
+    _write(1, b"\n" + nonce + b"\n")
+    _exit(0)
+
+
+if len(sys.argv) == 2:
+    _run_script(sys.argv[1])
+else:
+    _run_with_tests(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 '''
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL)
@@ -160,26 +224,45 @@ class CodeGrader:
 
         return apply
 
-    async def run_program(self, code: str, stdin: str = "") -> RunResult:
-        """Run `code` once in the sandbox with `stdin`; never raises for anything the program does."""
+    async def run_program(self, code: str, stdin: str = "", tests: str | None = None) -> RunResult:
+        """Run `code` once in the sandbox with `stdin`; never raises for anything the program does.
+
+        With `tests`, the tests run after the program in its namespace, and the run is "ok" only when the
+        harness printed this run's nonce after them (see `_run_with_tests` in the harness): a program that
+        exits early, with any status, is an "error"."""
         tmp = Path(tempfile.mkdtemp(prefix="minirl_code_"))
+        nonce_r = -1
         try:
             (tmp / "prog.py").write_text(code)
             (tmp / "harness.py").write_text(_HARNESS)
             (tmp / "stdin.txt").write_text(stdin)
+            args = [str(tmp / "prog.py")]
+            nonce = ""
+            if tests is not None:
+                (tmp / "tests.py").write_text(tests)
+                # The nonce travels through a pipe the harness reads and closes before the program starts:
+                # not on the command line, in the environment or in a file the program could read.
+                nonce = f"minirl-tests-passed-{secrets.token_hex(16)}"
+                nonce_r, nonce_w = os.pipe()
+                os.write(nonce_w, nonce.encode())
+                os.close(nonce_w)
+                args += [str(tmp / "tests.py"), str(nonce_r)]
             if self.run_uid == NOBODY:
                 os.chmod(tmp, 0o777)
                 for f in tmp.iterdir():
                     os.chmod(f, 0o644)
             env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-            cmd = [*self.prefix, self.python, "-I", str(tmp / "harness.py"), str(tmp / "prog.py")]
+            cmd = [*self.prefix, self.python, "-I", str(tmp / "harness.py"), *args]
             nproc = _user_process_count(self.run_uid) + self.max_processes
             with open(tmp / "stdin.txt", "rb") as fin, open(tmp / "out.txt", "wb") as fout, \
                     open(tmp / "err.txt", "wb") as ferr:
                 proc = await asyncio.create_subprocess_exec(
                     *cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=tmp, env=env, start_new_session=True,
-                    preexec_fn=self._limits(nproc),
+                    preexec_fn=self._limits(nproc), pass_fds=(nonce_r,) if nonce_r >= 0 else (),
                 )
+                if nonce_r >= 0:
+                    os.close(nonce_r)
+                    nonce_r = -1
                 status = "ok"
                 try:
                     await asyncio.wait_for(proc.wait(), self.timeout_s)
@@ -191,11 +274,21 @@ class CodeGrader:
                         raise
                 # Orphans left in the group (background children) die with the run in every case.
                 self._kill_group(proc.pid)
+            read = lambda name: (tmp / name).read_bytes()[: self.max_output].decode(errors="replace")  # noqa: E731
+            stdout, stderr = read("out.txt"), read("err.txt")
             if status == "ok" and proc.returncode != 0:
                 status = "error"
-            read = lambda name: (tmp / name).read_bytes()[: self.max_output].decode(errors="replace")  # noqa: E731
-            return RunResult(status, proc.returncode, read("out.txt"), read("err.txt"))
+            if tests is not None and status == "ok":
+                if f"\n{nonce}\n" in stdout:
+                    stdout = stdout.replace(f"\n{nonce}\n", "")
+                else:
+                    status = "error"
+                    stderr = (stderr.rstrip("\n") + "\n" if stderr else "") + \
+                        "the program ended with status 0 before the tests finished (exit / os._exit)"
+            return RunResult(status, proc.returncode, stdout, stderr)
         finally:
+            if nonce_r >= 0:
+                os.close(nonce_r)
             shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
@@ -212,7 +305,7 @@ class CodeGrader:
         code = extract_code(sample.response_text)
         results: list[tuple[bool, str]] = []
         if tests:
-            r = await self.run_program(code + "\n\n" + str(tests))
+            r = await self.run_program(code, tests=str(tests))
             results.append((r.status == "ok", r.status if r.status != "error" else r.stderr[-300:]))
         for case in cases or []:
             r = await self.run_program(code, str(case.get("input", "")))

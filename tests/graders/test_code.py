@@ -106,3 +106,50 @@ def test_network_namespace_has_no_interface(grader: CodeGrader) -> None:
 def test_missing_tests_is_a_grader_error(grader: CodeGrader) -> None:
     with pytest.raises(ValueError, match="'tests'"):
         _grade(grader, "print(1)")
+
+
+ADD = "def add(a, b):\n    return a + b\n"
+
+
+@pytest.mark.parametrize("exit_stmt", [
+    "import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n", "raise SystemExit\n", "exit()\n", "quit(0)\n",
+])
+def test_exiting_before_the_tests_is_a_failure(grader: CodeGrader, exit_stmt: str) -> None:
+    # The program is wrong (add subtracts) and leaves before the asserts can run: that must not pass.
+    wrong = "def add(a, b):\n    return a - b\n"
+    reward, info = _grade(grader, f"```python\n{wrong}{exit_stmt}```", tests=TESTS)
+    assert reward == 0.0, info
+    # Even a right program that exits early is not credited: the tests never ran.
+    assert _grade(grader, ADD + exit_stmt, tests=TESTS)[0] == 0.0
+
+
+@pytest.mark.parametrize("body", ["import os\n    os._exit(0)", "import sys\n    sys.exit(0)",
+                                  "import atexit, os\n    atexit.register(os._exit, 0)\n    return 0"])
+def test_exiting_from_inside_the_tested_function_is_a_failure(grader: CodeGrader, body: str) -> None:
+    assert _grade(grader, f"def add(a, b):\n    {body}\n", tests=TESTS)[0] == 0.0
+
+
+def test_tampering_with_the_harness_is_a_failure(grader: CodeGrader) -> None:
+    hacks = [
+        "import builtins\nbuiltins.exec = lambda *a, **k: None\n",  # skip the tests
+        "import builtins\nbuiltins.compile = lambda *a, **k: compile('pass', 't', 'exec')\n",
+        "open('tests.py', 'w').write('pass')\n",  # rewrite the tests on disk
+        # read every other open descriptor and the command line, print all of it, leave
+        "import os, sys\nfor fd in range(3, 64):\n    try:\n        print(os.read(fd, 4096))\n"
+        "    except OSError:\n        pass\nprint(open('/proc/self/cmdline', 'rb').read(), sys.argv)\n"
+        "os._exit(0)\n",
+    ]
+    for hack in hacks:
+        reward, info = _grade(grader, "def add(a, b):\n    return a - b\n" + hack, tests=TESTS)
+        assert reward == 0.0, (hack, info)
+
+
+def test_programs_that_print_or_use_main_still_pass(grader: CodeGrader) -> None:
+    prog = ADD + "print('hello', end='')\nif __name__ == '__main__':\n    print(add(1, 2))\n"
+    assert _grade(grader, prog, tests=TESTS)[0] == 1.0
+    # Tests that fail are still failures, whatever the program printed.
+    reward, info = _grade(grader, prog, tests="assert add(1, 1) == 3\n")
+    assert reward == 0.0 and "AssertionError" in info["failure"]
+    # A program exiting after printing the right output is fine for stdin/stdout cases.
+    cases = [{"input": "3\n", "output": "6"}]
+    assert _grade(grader, "import sys\nprint(int(input()) * 2)\nsys.exit(0)\n", test_cases=cases)[0] == 1.0
