@@ -3,8 +3,9 @@
 A checkpoint is a folder `ROOT/step_{version:08d}/` with
     model.pt      full (unsharded) model state dict, fp32 master weights
     optim.pt      full AdamW state (moments, step counts) in the same naming
-    trainer.pt    scheduler state, version, skipped-update count, RNG states (torch CPU/CUDA, python, numpy)
-                  and `extra`: an opaque dict the caller owns (the controller's ledger, dataset cursor...)
+    trainer.pt    scheduler state, version, skipped-update count, the RNG states (torch CPU/CUDA, python,
+                  numpy) of EVERY rank (gathered to rank 0; each rank restores its own), and `extra`: an
+                  opaque dict the caller owns (the controller's ledger, dataset cursor...)
 
 Atomicity: everything is written into `ROOT/.tmp-step_X-<pid>/` and then renamed to `step_X` with
 `os.replace`, so a crash mid-write leaves at worst a `.tmp-*` folder (removed by the next save) and the last
@@ -12,7 +13,9 @@ good checkpoint untouched; readers only ever see complete `step_*` folders. Afte
 `keep_last` checkpoints remain.
 
 FSDP: every rank must call `save_checkpoint` / `load_latest` (gathering the full state is a collective);
-rank 0 writes; every rank reads, so ROOT must be on a filesystem all learner ranks can see.
+rank 0 writes; every rank reads, so ROOT must be on a filesystem all learner ranks can see. Loading into a
+different world size works (the state is unsharded); rank r restores RNG state r, or rank 0's when the
+checkpoint had fewer ranks (resume is then not bit-exact, which a new world size is not anyway).
 
     path = save_checkpoint(trainer, run_dir / "checkpoints", extra={"controller": ctl.state_dict()}, keep_last=2)
     extra = load_latest(trainer, run_dir / "checkpoints")   # None when there is no checkpoint
@@ -21,6 +24,7 @@ rank 0 writes; every rank reads, so ROOT must be on a filesystem all learner ran
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -40,6 +44,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 if TYPE_CHECKING:
     from minirl_async.learner.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 PREFIX = "step_"
 
@@ -76,6 +82,11 @@ def save_checkpoint(trainer: Trainer, root: str | Path, extra: dict[str, Any], k
     other ranks). `_fail_after` (tests only) raises after writing the named file, to simulate a crash."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(trainer.policy, options=opts)
+    rng_states: list[Any] = [None] * trainer.world if trainer.rank == 0 else []
+    if trainer.world > 1:
+        dist.gather_object(_rng_state(), rng_states if trainer.rank == 0 else None, dst=0)
+    else:
+        rng_states = [_rng_state()]
     optim_sd = get_optimizer_state_dict(trainer.policy, trainer.optimizer, options=opts)
     path: Path | None = None
     if trainer.rank == 0:
@@ -87,7 +98,7 @@ def save_checkpoint(trainer: Trainer, root: str | Path, extra: dict[str, Any], k
         tmp = r / f".tmp-{final.name}-{os.getpid()}"
         tmp.mkdir()
         meta = {"version": trainer.version, "skipped_updates": trainer.skipped_updates,
-                "scheduler": trainer.scheduler.state_dict(), "rng": _rng_state(), "extra": extra}
+                "scheduler": trainer.scheduler.state_dict(), "rng": rng_states, "extra": extra}
         for name, obj in (("model.pt", model_sd), ("optim.pt", optim_sd), ("trainer.pt", meta)):
             torch.save(obj, tmp / name)
             if _fail_after == name:
@@ -120,7 +131,11 @@ def load_checkpoint(trainer: Trainer, path: str | Path) -> dict[str, Any]:
     trainer.scheduler.load_state_dict(meta["scheduler"])
     trainer.version = int(meta["version"])
     trainer.skipped_updates = int(meta["skipped_updates"])
-    _set_rng_state(meta["rng"])
+    states = meta["rng"] if isinstance(meta["rng"], list) else [meta["rng"]]   # older files: one state
+    if trainer.rank >= len(states):
+        log.warning("checkpoint %s has RNG states of %d rank(s); rank %d restores rank 0's", p, len(states),
+                    trainer.rank)
+    _set_rng_state(states[trainer.rank] if trainer.rank < len(states) else states[0])
     return dict(meta["extra"])
 
 

@@ -1,5 +1,6 @@
 """One rank of the FSDP2 test (launched by test_fsdp.py with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set,
-like torchrun): trains a few steps on the shared toy batch, saves a checkpoint, writes what rank 0 saw.
+like torchrun): trains a few steps on the shared toy batch, saves a checkpoint, writes what rank 0 saw; then reloads the
+checkpoint and writes each rank's first random draws after the save and after the load.
 
     python tests/learner/fsdp_worker.py OUT_DIR DTYPE COMPUTE
 """
@@ -40,7 +41,12 @@ def main() -> None:
     tr = Trainer(run_config(*overrides(compute)), model)
     metrics = [tr.train_step(groups, ["none", "r2", "r3"][s % 3]) for s, groups in enumerate(data)]
     state = {name: t.clone() for name, t in tr.iter_full_state()}
+    torch.manual_seed(1000 + rank)   # a different RNG stream per rank, as e.g. dropout would need
     tr.save_checkpoint(out / "ckpt", extra={"world": world})
+    after_save = torch.rand(4)
+    torch.manual_seed(0)
+    tr.load_latest(out / "ckpt")     # each rank must get its OWN RNG state back
+    torch.save({"after_save": after_save, "after_load": torch.rand(4)}, out / f"rng_rank{rank}.pt")
     if rank == 0:
         torch.save({"metrics": metrics, "state": state}, out / "result.pt")
     if torch.distributed.is_initialized():

@@ -1,6 +1,7 @@
 """FSDP2 at world size 2 (gloo, loopback, two processes as torchrun would start them) against the same
 steps in one process: metrics of every step and the final weights agree (fp64: to 1e-9, the only
-difference being the order of floating-point reductions), and the 2-rank checkpoint loads into 1 rank."""
+difference being the order of floating-point reductions), every rank restores its own RNG state, and the
+2-rank checkpoint loads into 1 rank."""
 
 from __future__ import annotations
 
@@ -64,8 +65,13 @@ def test_two_ranks_match_one_rank_fp64(tmp_path):
     for name, t in ref_state.items():
         assert torch.allclose(got["state"][name], t, atol=1e-9, rtol=0), name
     # the checkpoint the two ranks wrote restores into a single-process trainer
+    rng = [torch.load(tmp_path / f"rng_rank{r}.pt") for r in range(2)]
+    for r in rng:   # every rank restored its own RNG state
+        assert torch.equal(r["after_load"], r["after_save"])
+    assert not torch.equal(rng[0]["after_save"], rng[1]["after_save"])
     fresh = Trainer(run_config(*overrides("fp32")), tiny_model(seed=9))
     assert fresh.load_latest(tmp_path / "ckpt") == {"world": 2}
+    assert torch.equal(torch.rand(4), rng[0]["after_save"])   # a single rank resumes rank 0's stream
     assert fresh.version == 3
     for name, t in fresh.iter_full_state():
         assert torch.allclose(t, ref_state[name], atol=1e-9, rtol=0), name
