@@ -50,9 +50,11 @@ def test_r2_first_update_equals_no_replay(model):
 def test_r3_replays_sampler_routes(model):
     groups = make_groups(model, seed=4)
     one_mb = ("learner.minibatch_groups=2",)
-    # sampler routes == learner routes: R3 is R2
+    # sampler routes == learner routes on every real token: R3 is R2. Equal to rounding, not bit for bit:
+    # padding rows replay filler experts in R3 but their freely chosen ones in R2, which changes the row
+    # counts of the grouped expert matmuls and so the blocking of the other rows' sums (~1e-16 in fp64).
     w_r2 = _weights(_one_step(model, groups, "r2", *one_mb)[0])
-    assert torch.equal(_weights(_one_step(model, groups, "r3", *one_mb)[0]), w_r2)
+    torch.testing.assert_close(_weights(_one_step(model, groups, "r3", *one_mb)[0]), w_r2, rtol=0, atol=1e-13)
     # different sampler routes: R3 differs from the first minibatch on
     E = model.config.num_experts
     for g in groups:
@@ -200,7 +202,9 @@ def test_micro_batches_equal_one_batch(model):
     for loss in ("minirl", "minirl_lennorm", "cispo", "grpo"):
         whole, mw = _one_step(model, groups, "r2", f"algo.loss={loss}")
         micro, mm = _one_step(model, groups, "r2", f"algo.loss={loss}", "learner.micro_batch_size=2")
-        assert torch.allclose(_weights(whole), _weights(micro), atol=1e-12, rtol=0), loss
+        # 1e-10, not 1e-12: the first AdamW update is lr * g / (|g| + eps), whose slope lr / eps = 1e6 for
+        # gradient entries far below eps turns their ~1e-18 summation-order rounding into ~1e-12 weights
+        assert torch.allclose(_weights(whole), _weights(micro), atol=1e-10, rtol=0), loss
         for key in ("loss/policy", "loss/grad_norm", "kl/staleness_k3", "policy/entropy", "routing/agree_frac"):
             assert mw[key] == pytest.approx(mm[key], rel=1e-10, abs=1e-13), (loss, key)
 

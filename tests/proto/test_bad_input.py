@@ -30,7 +30,13 @@ def rollout_frames(rollout_factory):
 
 def test_garbage_bytes():
     with pytest.raises(ProtocolError, match="not a valid msgpack header"):
-        decode([os.urandom(64) + b"\xc1"])  # 0xc1 is never valid msgpack
+        decode([b"\xc1" + os.urandom(64)])  # 0xc1 is never valid msgpack
+    # random bytes fail in many ways (an ext type, a scalar with extra data, a truncated map ...): each one
+    # must still be a ProtocolError
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        with pytest.raises(ProtocolError):
+            decode([rng.bytes(int(rng.integers(1, 128)))])
 
 
 def test_truncated_header_bytes(rollout_frames):
