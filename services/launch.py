@@ -70,13 +70,13 @@ def cold_start(cfg: Config, run_dir: Path) -> Config:
 
 
 class Progress:
-    """Tails metrics.jsonl into a tqdm bar (or plain lines when progress is off)."""
+    """Tails metrics.jsonl into a progress bar (or a plain line per step when progress is off)."""
 
     def __init__(self, path: Path, total: int, enabled: bool):
-        from tqdm import tqdm
+        from minirl_async.progress import progress_bar
 
         self.path, self.offset = path, path.stat().st_size if path.is_file() else 0
-        self.bar = tqdm(total=total, desc="rl", disable=not enabled, dynamic_ncols=True)
+        self.bar = progress_bar(total=total, desc="rl", enabled=enabled)
         self.last: dict[str, Any] = {}
         self.enabled = enabled
 
@@ -93,12 +93,12 @@ class Progress:
         for line in chunk[: end + 1].splitlines():
             row = json.loads(line)
             self.last = row
-            self.bar.n = int(row.get("version", row.get("step", 0) + 1))
+            done = int(row.get("version", row.get("step", 0) + 1))
             mode = {0: "none", 2: "R2", 3: "R3"}.get(row.get("replay/mode", -1), "?")
             self.bar.set_postfix(reward=f"{row.get('reward/mean', 0):.3f}", kl=f"{row.get('kl/train_infer_k3', 0):.2e}",
                                  lag=row.get("staleness/lag_updates_max"), replay=mode,
                                  tok_s=f"{row.get('perf/sample_tok_s', 0):.0f}", refresh=False)
-            self.bar.refresh()
+            self.bar.update(done - self.bar.n)  # redraws at the bar's own pace (a line every few s in a log)
             if not self.enabled:
                 print(f"[run] step {row.get('step')} reward {row.get('reward/mean', 0):.3f} replay {mode}", flush=True)
 

@@ -90,9 +90,8 @@ def train_sft(cfg: Config, out_dir: str | Path | None = None, progress: bool = T
 
 
 def _train_sft(cfg: Config, out_dir: str | Path | None, progress: bool) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from minirl_async.models.hf_io import save_hf
+    from minirl_async.progress import progress_bar
 
     s = cfg.data.sft
     out = Path(out_dir) if out_dir else Path(cfg.run.dir) / "sft"
@@ -103,7 +102,7 @@ def _train_sft(cfg: Config, out_dir: str | Path | None, progress: bool) -> dict[
     source = make_prompt_source(cfg, "train")
     slip_rng = random.Random(f"slip:{cfg.data.seed}")
     t0 = time.monotonic()
-    bar = tqdm(range(s.steps), desc="sft", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(s.steps), desc="sft", enabled=progress)
     ema: dict[str, float] = {}
     step = 0
     for step in bar:
