@@ -17,7 +17,7 @@ How a batch runs (`generate`, blocking, one caller thread at a time; see base.py
 - Routes: prefill runs the model in RECORD mode, decode (fast_decode.py) returns its own top-k indices (the
   same experts, tested against RECORD in float64); both are written into a per-slot buffer at the tokens'
   positions, so a finished sequence's routes are rows `0 .. P+R-2` (SGLang layout). `capture_routes=False`
-  skips the recording and returns None.
+  skips the recording and returns None (the attribute may be switched between generate calls).
 - Weights: `update_weights` validates and dequantises outside any lock (weights.py), then swaps every
   parameter at a version boundary: after the running batch, or, in interruptible mode, between two
   decode steps (tokens record the version that produced them). `pause()` holds the loop at the next step
@@ -105,7 +105,6 @@ class TorchFP8Engine:
         if not 2 <= self.max_context <= model_cfg.max_position_embeddings:
             raise ValueError(f"sampler.max_context={self.max_context}: must be in 2..{model_cfg.max_position_embeddings}"
                              " (model max_position_embeddings), or 0 for the model's limit")
-        self.capture_routes = capture_routes and model_cfg.num_moe_layers > 0
         self.interruptible = interruptible
         self.packed_decode = packed_decode  # fast_decode.py; False: decode through the model's own forward
         self._packed: Packed | None = None
@@ -129,9 +128,7 @@ class TorchFP8Engine:
         self._tok = torch.zeros(S, C, dtype=torch.long)
         self._logp = torch.zeros(S, C, dtype=torch.float32)
         self._ver = torch.zeros(S, C, dtype=torch.long)
-        L, K = model_cfg.num_moe_layers, model_cfg.num_experts_per_tok
-        rdt = routes_dtype(max(model_cfg.num_experts, 1))
-        self._routes = torch.zeros(S, C, L, K, dtype=rdt) if self.capture_routes else None
+        self._routes: torch.Tensor | None = None  # [S, C, L, K] routed experts while capture is on
         self._arange_C = torch.arange(C, device=dev)
         self._rope = rope_table(model_cfg, C, dtype, dev)
         # Version-boundary coordination between the generate thread and updaters / pause.
@@ -143,6 +140,7 @@ class TorchFP8Engine:
         self._stats = {"requests": 0, "refused_requests": 0, "tokens": 0, "updates": 0, "refused_updates": 0}
         self._running = 0
         self._waiting = 0
+        self.capture_routes = capture_routes
 
     @classmethod
     def from_config(cls, cfg: Config, model_cfg: ModelConfig) -> TorchFP8Engine:
@@ -206,6 +204,23 @@ class TorchFP8Engine:
         weights arrived as."""
         with self._cv:
             self._version = -1
+
+    @property
+    def capture_routes(self) -> bool:
+        """Whether rollouts carry routed experts; may be switched between generate calls."""
+        return self._routes is not None
+
+    @capture_routes.setter
+    def capture_routes(self, on: bool) -> None:
+        with self._cv:
+            if self._generating:
+                raise RuntimeError("capture_routes cannot change while generate is running")
+            L, K = self.cfg.num_moe_layers, self.cfg.num_experts_per_tok
+            if not (on and L > 0):
+                self._routes = None
+            elif self._routes is None:
+                rdt = routes_dtype(max(self.cfg.num_experts, 1))
+                self._routes = torch.zeros(self.max_slots, self.max_context, L, K, dtype=rdt)
 
     def health(self) -> dict[str, Any]:
         return {"engine": "torch_fp8", "version": self._version, "has_weights": self._has_weights, "paused": self._paused, "busy": self._busy,

@@ -112,6 +112,27 @@ def test_routes_and_logprobs_equal_record_forward() -> None:
             assert torch.allclose(r.logprobs.double(), want, atol=1e-6)
 
 
+def test_capture_switched_off_and_on_between_calls() -> None:
+    # off: no routes and the same seeded tokens and logprobs; on again: routes equal the RECORD forward's
+    cfg = tiny()
+    model = model64(cfg, seed=1)
+    eng = engine64(cfg, model, max_batch_size=4)
+    reqs = [GenerateRequest(p, SamplingParams(temperature=0.8, max_new_tokens=9, seed=10 + i)) for i, p in enumerate(PROMPTS)]
+    with_routes = eng.generate(reqs)
+    eng.capture_routes = False
+    assert eng.health()["capture_routes"] is False
+    without = eng.generate(reqs)
+    eng.capture_routes = True
+    again = eng.generate(reqs)
+    for req, a, b, c in zip(reqs, with_routes, without, again):
+        assert b[0].routes is None and torch.equal(a[0].response_ids, b[0].response_ids)
+        assert torch.equal(a[0].logprobs, b[0].logprobs) and torch.equal(a[0].response_ids, c[0].response_ids)
+        rec = Routing("record")
+        model(torch.tensor([list(req.prompt_ids) + c[0].response_ids.tolist()[:-1]]), routing=rec)
+        assert c[0].routes is not None and rec.recorded_BTLK is not None
+        assert torch.equal(rec.recorded_BTLK[0], c[0].routes)
+
+
 def test_stop_tokens_and_context_limit() -> None:
     cfg = tiny()
     model = model64(cfg)
