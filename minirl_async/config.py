@@ -169,7 +169,8 @@ class LearnerSection(_Section):
     keep_last: int = Field(2, ge=1)
     """Checkpoints kept."""
     resume: bool = True
-    """Resume from the newest checkpoint in the run directory if one exists."""
+    """Resume from the newest checkpoint in the run directory if one exists. False starts afresh and moves an
+    earlier run's checkpoints/ and metrics.jsonl in that directory aside (`<name>.before-<time>`)."""
     deterministic: bool = False
     """Deterministic algorithms (bit-exact resume), slower."""
     logprob_chunk: int = Field(1024, ge=1)
@@ -200,7 +201,8 @@ class StalenessSection(_Section):
     max_staleness: int = Field(1, ge=0)
     """eta: how many versions behind the learner a rollout may be (0 = synchronous)."""
     routing_replay: Literal["auto", "r2", "r3", "none"] = "auto"
-    """Routing replay mode; auto picks R2/R3 from the measured lag (ALGORITHM.md section 6)."""
+    """Routing replay mode; auto picks R2/R3 from the measured lag and KL (ALGORITHM.md section 6), R2 for a
+    batch in which some response carries no sampler routes."""
     r3_min_lag: int = Field(3, ge=0)
     """Auto: choose R3 when the batch's max lag (in optimizer updates) is at least this."""
     r3_kl_threshold: float | None = None
@@ -360,6 +362,9 @@ class Config(_Section):
                 f"sampler.max_batch_size ({self.sampler.max_batch_size}) must hold one whole group "
                 f"(algo.group_size = {al.group_size})"
             )
+        if self.staleness.routing_replay == "r3" and not self.sampler.capture_routes:
+            raise ValueError("staleness.routing_replay = 'r3' but sampler.capture_routes = false: R3 replays the "
+                             "sampler's routes; capture them, or use 'auto' (R2 when routes are missing) or 'r2'")
         addrs = {
             "work_addr": self.network.work_addr,
             "weights_addr": self.network.weights_addr,

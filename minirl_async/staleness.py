@@ -10,7 +10,8 @@ Vocabulary (ALGORITHM.md section 6):
     tr = StalenessTracker(cfg.staleness, num_minibatches=cfg.num_minibatches)
     tr.admission_limit(v, groups_per_step)         # issued groups allowed so far
     tr.is_stale(oldest_version=b, version=v)       # consumption guard
-    d = tr.choose_mode(v, [b for each sample], prev_kl_k3)   # -> ReplayDecision (mode, signals)
+    d = tr.choose_mode(v, [b for each sample], routes_available=...)   # -> ReplayDecision (mode, signals)
+    tr.prev_kl_k3 = metrics["kl/train_infer_k3"]            # the KL signal of the next decision
     m = lag_metrics(v, [[b, ...] per minibatch], N)          # staleness/* metrics of the step
 
     python -m minirl_async.staleness       # prints the auto policy's choice for N = 1, 2, 4, 8 and eta = 0, 1
@@ -103,6 +104,8 @@ class ReplayDecision:
     """Consecutive steps (including this one) the signals asked for `wants`."""
     forced: bool
     """The mode comes from the config, not from the auto policy."""
+    no_routes: bool = False
+    """The signals asked for R3 but some response of the batch carries no sampler routes: R2 instead."""
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -113,12 +116,14 @@ class ReplayDecision:
             "replay/wants": self.wants,
             "replay/streak": self.streak,
             "replay/forced": int(self.forced),
+            "replay/no_routes": int(self.no_routes),
         }
 
     def describe(self) -> str:
         why = "forced by staleness.routing_replay" if self.forced else (
             f"max_lag={self.max_lag} lag_says_r3={self.lag_says_r3} kl_says_r3={self.kl_says_r3} "
-            f"wants={MODE_NAMES[self.wants]} streak={self.streak}")
+            f"wants={MODE_NAMES[self.wants]} streak={self.streak}"
+            + (" r3_without_routes->r2" if self.no_routes else ""))
         return f"replay mode {MODE_NAMES[self.mode]} ({why})"
 
 
@@ -130,6 +135,8 @@ class StalenessTracker:
     num_minibatches: int
     mode: int | None = None
     """The mode in force (None before the first decision)."""
+    prev_kl_k3: float | None = None
+    """The previous step's kl/train_infer_k3 (the auto policy's second signal; part of the saved state)."""
     _wants: int | None = field(default=None, repr=False)
     _streak: int = field(default=0, repr=False)
 
@@ -148,19 +155,22 @@ class StalenessTracker:
         return is_stale(oldest_version, version, self.eta)
 
     def choose_mode(self, version: int, behaviour_versions: Sequence[int],
-                    prev_kl_k3: float | None = None) -> ReplayDecision:
+                    routes_available: bool = True) -> ReplayDecision:
         """Decide the replay mode of the step consumed at `version` (before its proximal forward).
 
-        Auto: R3 when `max_lag >= r3_min_lag` or (threshold set and the previous step's kl/train_infer_k3 is
-        above it), else R2. The first decision is taken as is; afterwards the mode changes only once the
-        signals asked for the other mode `hysteresis_steps` steps in a row.
+        Auto: R3 when `max_lag >= r3_min_lag` or (threshold set and the previous step's kl/train_infer_k3,
+        `self.prev_kl_k3`, is above it), else R2. R3 replays the sampler's
+        routes, so a batch in which some response has none (`routes_available=False`) gets R2 instead
+        (`no_routes` in the decision). The first decision is taken as is; afterwards the mode changes only
+        once the signals asked for the other mode `hysteresis_steps` steps in a row.
         """
         b_min = min(behaviour_versions) if behaviour_versions else version
         lag = max_lag(version, b_min, self.num_minibatches)
         lag_r3 = lag >= self.cfg.r3_min_lag
         thr = self.cfg.r3_kl_threshold
-        kl_r3 = thr is not None and prev_kl_k3 is not None and prev_kl_k3 > thr
-        wants = MODE_R3 if (lag_r3 or kl_r3) else MODE_R2
+        kl_r3 = thr is not None and self.prev_kl_k3 is not None and self.prev_kl_k3 > thr
+        no_routes = (lag_r3 or kl_r3) and not routes_available
+        wants = MODE_R3 if (lag_r3 or kl_r3) and routes_available else MODE_R2
         if self.cfg.routing_replay != "auto":
             forced_mode = _FORCED[self.cfg.routing_replay]
             self.mode, self._wants, self._streak = forced_mode, forced_mode, 0
@@ -169,13 +179,16 @@ class StalenessTracker:
         self._wants = wants
         if self.mode is None or (wants != self.mode and self._streak >= self.cfg.hysteresis_steps):
             self.mode = wants
-        return ReplayDecision(self.mode, lag, lag_r3, kl_r3, wants, self._streak, False)
+        if self.mode == MODE_R3 and not routes_available:   # hysteresis never keeps R3 without routes
+            self.mode = MODE_R2
+        return ReplayDecision(self.mode, lag, lag_r3, kl_r3, wants, self._streak, False, no_routes)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "wants": self._wants, "streak": self._streak}
+        return {"mode": self.mode, "wants": self._wants, "streak": self._streak, "prev_kl_k3": self.prev_kl_k3}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mode, self._wants, self._streak = state["mode"], state["wants"], int(state["streak"])
+        self.prev_kl_k3 = state.get("prev_kl_k3")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,20 @@ class RunLog:
         self.events.close()
 
 
+def set_aside_earlier_run(run_dir: Path) -> list[Path]:
+    """A fresh start (learner.resume = false) in a run directory an earlier run used: move its checkpoints
+    and metrics to `<name>.before-<time>` instead of mixing two runs (a later resume would pick the wrong
+    checkpoint, the report would plot both). Returns the new paths."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for path in (run_dir / "checkpoints", run_dir / "metrics.jsonl"):
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            aside = path.with_name(f"{path.name}.before-{stamp}")
+            path.rename(aside)
+            moved.append(aside)
+    return moved
+
+
 class LearnerHub:
     def __init__(self, cfg: Config, dist: Any = None):
         self.cfg, self.dist = cfg, dist
@@ -121,10 +135,13 @@ class LearnerHub:
                                      cfg.learner.groups_per_step, cfg.staleness.lease_s)
         self.stats = {"work": ChannelStats(), "scored": ChannelStats()}
         self.peers: set[bytes] = set()
-        self.prev_kl: float | None = None
         self.last_step_end = time.monotonic()
         self.busy_s = 0.0
+        moved = [] if cfg.learner.resume else set_aside_earlier_run(self.run_dir)
         self.runlog = RunLog(self.run_dir)
+        for path in moved:
+            self.runlog.event(f"learner.resume = false: earlier run's {path.name.split('.before-')[0]} moved to {path}")
+            self.log.warning("learner.resume = false: moved %s aside", path)
 
     # ---- multi-rank: rank 0 tells the others what to do (they hold shards; collectives need them all)
     def _command(self, cmd: dict[str, Any]) -> None:
@@ -239,7 +256,8 @@ class LearnerHub:
             t_start, wall_start = time.monotonic(), time.time()
             v = ctl.version
             groups = [g for _, g in batch]
-            decision = self.tracker.choose_mode(v, [oldest_version(g, v) for g in groups], self.prev_kl)
+            routes = all(r.routes is not None for g in groups for r in g.responses)
+            decision = self.tracker.choose_mode(v, [oldest_version(g, v) for g in groups], routes_available=routes)
             per_mb = [[oldest_version_of_response(r, v) for g in groups[k * mb:(k + 1) * mb] for r in g.responses]
                       for k in range(n)]
             self.training = True
@@ -267,7 +285,7 @@ class LearnerHub:
                         "perf/weight_sync_s": sync_s,
                         "perf/train_s": train_s, "perf/learner_busy_s": self.busy_s,
                         "pipeline/bad_messages": sum(s.errors for s in self.stats.values())})
-            self.prev_kl = tm.get("kl/train_infer_k3")
+            self.tracker.prev_kl_k3 = tm.get("kl/train_infer_k3")   # saved with the controller state
             self.runlog.step(row)
             self.runlog.event(f"step {v} trained {','.join(gid for gid, _ in batch)} "
                               f"{decision.describe()} lag_max={row['staleness/lag_updates_max']}")

@@ -112,8 +112,9 @@ def _minirl_lennorm(t: _Terms, c: LossConfig) -> torch.Tensor:
 
 
 def _minirl_icepop(t: _Terms, c: LossConfig) -> torch.Tensor:
-    inside_BT = ((t.d_BT >= c.icepop_low) & (t.d_BT <= c.icepop_high)).to(t.d_BT.dtype)
-    return _minirl_weighted(t.d_BT * inside_BT, t, lennorm=False)
+    inside_BT = (t.d_BT >= c.icepop_low) & (t.d_BT <= c.icepop_high)
+    # where, not a product: an overflowed d (inf) outside the band must give 0, not inf * 0 = NaN
+    return _minirl_weighted(torch.where(inside_BT, t.d_BT, torch.zeros_like(t.d_BT)), t, lennorm=False)
 
 
 def _grpo(t: _Terms, c: LossConfig) -> torch.Tensor:
@@ -173,6 +174,8 @@ def compute_policy_loss(logprobs: torch.Tensor, prox_logprobs: torch.Tensor, rol
             clip_BT = (r_sg < 1 - cfg.eps_low) | (r_sg > 1 + cfg.eps_high)
         else:
             clip_BT = clipped_BT
+        # d in float64 for the figures: exp overflows float32 past a log-ratio of ~88, float64 past ~709
+        d_BT = torch.where(valid_BT, (prox_BT.double() - mu_BT.double()).exp(), 0.0)
         if cfg.name == "minirl_icepop":
             trunc_BT = (d_BT < cfg.icepop_low) | (d_BT > cfg.icepop_high)
         else:
@@ -180,8 +183,8 @@ def compute_policy_loss(logprobs: torch.Tensor, prox_logprobs: torch.Tensor, rol
         metrics = {
             "loss/policy": float(loss.detach()),
             "loss/clip_frac": float((clip_BT & valid_BT).sum()) / denom,
-            "is/d_mean": float((d_BT * mask_BT).sum()) / denom,
-            "is/d_max": float(torch.where(valid_BT, d_BT, zero).max()) if tok else 0.0,
+            "is/d_mean": float(d_BT.sum()) / denom,
+            "is/d_max": float(d_BT.max()) if tok else 0.0,
             "is/trunc_frac": float((trunc_BT & valid_BT).sum()) / denom,
             "loss/num_tokens": tok,
         }

@@ -110,7 +110,10 @@ def save_checkpoint(trainer: Trainer, root: str | Path, extra: dict[str, Any], k
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        for old_ckpt in list_checkpoints(r)[:-keep_last]:
+        # keep-last-K counts back from the checkpoint just written; never delete it, nor a higher-numbered
+        # one (another run's, in a reused folder: not ours to delete)
+        older = [c for c in list_checkpoints(r) if c.name < final.name]
+        for old_ckpt in older[:max(len(older) - (keep_last - 1), 0)]:
             shutil.rmtree(old_ckpt, ignore_errors=True)
         path = final
     _barrier(trainer)

@@ -215,7 +215,9 @@ class Trainer:
         t0 = time.perf_counter()
         minibatches = self._batches(groups)
         flat = [b for mbs in minibatches for b in mbs]
-        has_routes = all(b.routes_BTLK is not None for b in flat)
+        # Every rank must take the same branches (they contain collectives): routes count only if all have them.
+        has_routes = bool(self._allreduce([float(all(b.routes_BTLK is not None for b in flat))],
+                                          dist.ReduceOp.MIN if self.world > 1 else None)[0])
         if replay_mode == "r3" and not has_routes:
             raise ValueError("replay_mode 'r3' needs the sampler's routes for every response "
                              "(set sampler.capture_routes = true)")

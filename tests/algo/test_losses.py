@@ -122,6 +122,20 @@ def test_icepop_mask_hand_built():
     assert m["is/trunc_frac"] == pytest.approx(2 / 4)
 
 
+def test_overflowing_discrepancy_ratio_stays_finite():
+    # float32 log-probs with prox - mu = 100: d = e^100 overflows float32. IcePop masks that token (0, not
+    # inf * 0 = NaN), the truncating losses cap it, and the d figures are exact (computed in float64).
+    lp = torch.full((1, 3), -1.0, requires_grad=True)
+    mu = torch.tensor([[-1.0, -101.0, -1.0]])
+    for name in ("minirl_icepop", "minirl"):
+        loss, m = compute_policy_loss(lp, lp.detach(), mu, torch.tensor([1.0]), torch.ones(1, 3), LossConfig(name=name))
+        assert torch.isfinite(loss), name
+        assert m["is/d_max"] == pytest.approx(math.exp(100), rel=1e-6) and m["is/trunc_frac"] == pytest.approx(1 / 3)
+        (g,) = torch.autograd.grad(loss, lp)
+        want_mid = 0.0 if name == "minirl_icepop" else -5.0   # masked, or d capped at is_cap = 5
+        assert torch.allclose(g, torch.tensor([[-1.0, want_mid, -1.0]])), (name, g)
+
+
 def test_on_policy_weights_are_one():
     # theta == theta_old and mu == pi: r = d = 1, M = 1 -> gradient is -(A / n) per token
     lp = -torch.rand(3, 4, dtype=torch.float64)

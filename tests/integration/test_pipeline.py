@@ -36,6 +36,22 @@ def test_short_run_writes_contract_metrics_and_report(tmp_path):
     assert len(ids) == 16 == len(set(ids))
 
 
+def test_fresh_start_in_a_used_run_dir_sets_old_checkpoints_aside(tmp_path):
+    first = run_cli(tmp_path, FAKE + net_overrides() + ["learner.num_steps=4", "learner.checkpoint_every=2"])
+    assert first.returncode == 0, first.stdout + first.stderr
+    old = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert old
+    again = run_cli(tmp_path, FAKE + net_overrides() + ["learner.num_steps=2", "learner.resume=false",
+                                                        "learner.checkpoint_every=1"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    aside = list(tmp_path.glob("checkpoints.before-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == old
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001.json", "step_000002.json"]
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1]   # this run's metrics only; the first run's aside
+    assert len(list(tmp_path.glob("metrics.jsonl.before-*"))) == 1
+    assert "earlier run's checkpoints moved" in (tmp_path / "events.log").read_text()
+
+
 @pytest.mark.parametrize("eta", [0, 2])
 def test_staleness_bound_holds(tmp_path, eta):
     # Two samplers racing one learner: the admission bound and the guard must keep every trained sample

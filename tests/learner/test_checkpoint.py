@@ -85,6 +85,10 @@ def test_keep_last_and_empty_root(tmp_path, model):
     with pytest.raises(ValueError, match="not a learner checkpoint"):
         from minirl_async.learner.checkpoint import load_checkpoint
         load_checkpoint(tr, tmp_path)
+    # a lower version saved among higher ones (another run's) is kept, and so are they
+    tr.version = 1
+    assert tr.save_checkpoint(tmp_path, extra={"v": 1}) == tmp_path / "step_00000001"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000003", "step_00000004"]
 
 
 def test_export_hf_loads_in_ours_and_transformers(tmp_path, model):

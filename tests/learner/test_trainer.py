@@ -36,6 +36,11 @@ def test_on_policy_metrics(model):
 
 def test_r2_first_update_equals_no_replay(model):
     groups = make_groups(model, seed=3)
+    E = model.config.num_experts
+    for g in groups:   # sampler routes that differ from the learner's: R2 must not use them
+        for s in g.samples:
+            assert s.routes is not None
+            s.routes = ((s.routes.long() + 1) % E).to(s.routes.dtype)
     one_mb = ("learner.minibatch_groups=2",)   # N = 1: the step is exactly the first minibatch update
     w_none = _weights(_one_step(model, groups, "none", *one_mb)[0])
     w_r2 = _weights(_one_step(model, groups, "r2", *one_mb)[0])
@@ -227,3 +232,46 @@ def test_std_normalised_advantages(model, loss, invariant):
         assert diff < 1e-4, diff   # 1e-5 is the std epsilon (some gradient entries nearly cancel)
     else:
         assert diff > 1e-3, diff
+
+
+def _response_logprobs(model, s) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the response tokens and the full-vocabulary entropy at their positions (one unpadded
+    sequence, free routing)."""
+    seq = torch.cat([s.prompt_ids, s.response_ids])
+    with torch.no_grad():
+        logp_TV = torch.log_softmax(model(seq[None, :-1])[0], -1)[len(s.prompt_ids) - 1:]
+    return logp_TV.gather(-1, s.response_ids[:, None])[:, 0], -(logp_TV.exp() * logp_TV).sum(-1)
+
+
+def test_step_metrics_match_plain_references(model):
+    # N = 2 updates without replay, mu != pi_prox, an lr large enough that the second update clips: every
+    # trainer-owned figure against its definition (ALGORITHM.md section 7), computed one sequence at a time
+    groups = make_groups(model, num_groups=2, G=4, seed=11)
+    g = torch.Generator().manual_seed(12)
+    for grp in groups:
+        for s in grp.samples:
+            noise = 0.8 * torch.randn(len(s.response_ids), generator=g, dtype=torch.float64)
+            noise[0] -= 2.0   # mu far below pi_prox on the first token: d ~ e^2 > is_cap sometimes
+            s.rollout_logprobs = (s.rollout_logprobs.double() + noise).float()
+    cfg = ("learner.lr=0.05",)
+    tr, m = _one_step(model, groups, "none", *cfg)
+    first, _ = _one_step(model, groups[:1], "none", *cfg, "learner.groups_per_step=1")   # after update 1
+    ent, d, k3, clipped = [], [], [], 0
+    for gi, grp in enumerate(groups):
+        A = grp.rewards - grp.rewards.mean()
+        for s, a in zip(grp.samples, A):
+            prox, ent_T = _response_logprobs(model, s)
+            ent.append(ent_T)
+            d.append((prox - s.rollout_logprobs.double()).exp())
+            log_rho = _response_logprobs(tr.model, s)[0] - prox
+            k3.append(log_rho.exp() - 1 - log_rho)
+            if gi == 1:   # the second update's ratio r is against the weights after the first
+                r = (_response_logprobs(first.model, s)[0] - prox).exp()
+                clipped += int(((a > 0) & (r > 1.27)).sum() + ((a < 0) & (r < 0.8)).sum())
+    ent_t, d_t, k3_t = torch.cat(ent), torch.cat(d), torch.cat(k3)
+    assert 0 < clipped < len(d_t) / 2 and float((d_t > 5).sum()) > 0   # the case exercises both masks
+    want = {"policy/entropy": float(ent_t.mean()), "kl/staleness_k3": float(k3_t.mean()),
+            "is/d_mean": float(d_t.mean()), "is/d_max": float(d_t.max()),
+            "is/trunc_frac": float((d_t > 5).double().mean()), "loss/clip_frac": clipped / len(d_t)}
+    for key, value in want.items():
+        assert m[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key

@@ -72,10 +72,26 @@ def test_auto_policy_counts_staleness_in_updates():
 
 def test_kl_signal_selects_r3():
     tr = _tracker(1, r3_kl_threshold=0.01)
-    assert tr.choose_mode(1, [1], prev_kl_k3=0.001).mode == MODE_R2
-    d = tr.choose_mode(2, [2], prev_kl_k3=0.05)
+    tr.prev_kl_k3 = 0.001
+    assert tr.choose_mode(1, [1]).mode == MODE_R2
+    tr.prev_kl_k3 = 0.05
+    d = tr.choose_mode(2, [2])
     assert d.kl_says_r3 and not d.lag_says_r3 and d.mode == MODE_R3
-    assert _tracker(1).choose_mode(1, [1], prev_kl_k3=99.0).mode == MODE_R2  # threshold off by default
+    off = _tracker(1)   # threshold off by default
+    off.prev_kl_k3 = 99.0
+    assert off.choose_mode(1, [1]).mode == MODE_R2
+
+
+def test_r3_needs_sampler_routes():
+    # the signals ask for R3 (lag 3) but a response has no routes: R2, said so; hysteresis cannot keep R3
+    tr = _tracker(4, max_staleness=0)
+    d = tr.choose_mode(3, [3], routes_available=False)
+    assert d.lag_says_r3 and d.wants == MODE_R2 and d.mode == MODE_R2 and d.no_routes
+    assert d.metrics()["replay/no_routes"] == 1 and "r3_without_routes" in d.describe()
+    assert tr.choose_mode(4, [4]).mode == MODE_R3
+    sticky = _tracker(4, max_staleness=0, hysteresis_steps=5)
+    assert sticky.choose_mode(3, [3]).mode == MODE_R3
+    assert sticky.choose_mode(4, [4], routes_available=False).mode == MODE_R2
 
 
 def test_hysteresis_needs_consecutive_steps():
@@ -93,11 +109,21 @@ def test_hysteresis_needs_consecutive_steps():
 
 
 def test_hysteresis_state_round_trip():
-    tr = _tracker(2, max_staleness=1, hysteresis_steps=2)
-    tr.choose_mode(5, [5]); tr.choose_mode(5, [4])  # noqa: E702
-    tr2 = _tracker(2, max_staleness=1, hysteresis_steps=2)
+    # after R2 with a one-step streak towards R3, a restored tracker stays in R2 (a fresh one would take
+    # R3 at once: its first decision is taken as is), and the KL signal survives too
+    def make():
+        return _tracker(2, max_staleness=1, hysteresis_steps=3, r3_kl_threshold=0.01)
+    tr = make()
+    assert tr.choose_mode(5, [5]).mode == MODE_R2
+    assert tr.choose_mode(5, [4]).mode == MODE_R2   # wants R3, streak 1
+    tr.prev_kl_k3 = 0.5
+    tr2 = make()
     tr2.load_state_dict(tr.state_dict())
-    assert tr2.choose_mode(5, [4]).mode == tr.choose_mode(5, [4]).mode == MODE_R3
+    assert tr2.state_dict() == tr.state_dict()
+    assert make().choose_mode(5, [4]).mode == MODE_R3
+    d2, d = tr2.choose_mode(5, [5]), tr.choose_mode(5, [5])   # lag says R2, the restored KL says R3
+    assert d2.kl_says_r3 and d2.streak == d.streak == 2 and d2.mode == d.mode == MODE_R2
+    assert tr2.choose_mode(5, [5]).mode == tr.choose_mode(5, [5]).mode == MODE_R3
 
 
 @pytest.mark.parametrize("name,mode", [("r2", MODE_R2), ("r3", MODE_R3), ("none", MODE_NONE)])
