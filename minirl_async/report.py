@@ -21,7 +21,9 @@ REPORT_DIR = "report"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """One dict per JSON line; a torn last line (a crash mid-write) is ignored, other bad lines are errors."""
+    """One dict per step, in step order; a torn last line (a crash mid-write) is ignored, other bad lines
+    are errors. A step logged twice (redone after a learner restart from an older checkpoint) keeps its
+    last record: the one the final model descends from."""
     rows: list[dict[str, Any]] = []
     lines = Path(path).read_text().splitlines()
     for i, line in enumerate(lines):
@@ -33,7 +35,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             if i == len(lines) - 1:
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON line ({e}); fix or remove that line") from e
-    return rows
+    by_step = {r.get("step", i): r for i, r in enumerate(rows)}
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

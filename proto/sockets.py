@@ -32,6 +32,7 @@ reaches it as a broadcast. Subscription-gated, so no message goes to a pipe that
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
@@ -278,9 +279,16 @@ def parse_subscription(frame: Any) -> tuple[bool, bytes]:
 class WeightPublisher:
     """Broadcasts versions on an XPUB socket and serves WeightsRequests once the requester is subscribed.
 
-    With `sender.keep_blobs=False` the learner must call `serve_pending()` only between steps (the live
-    weights must still be the published version); with `keep_blobs=True` it is served as soon as the
-    subscription arrives.
+    One stream at a time (a lock): a broadcast and a late joiner's personal stream never interleave, and
+    concurrent callers of `serve_pending` cannot serve (or forget) the same request twice. Sends wait at the
+    high-water mark instead of failing: an XPUB always polls writable, so with XPUB_NODROP a full pipe
+    surfaces as `zmq.Again` from an asyncio send; `send` retries it with a short back-off (a slow sampler
+    slows the stream; it never loses chunks nor crashes the learner).
+
+    With `sender.keep_blobs=False` a late joiner is served by re-serialising the live weights, which must
+    still BE the last published version: the learner sets `hold = True` from the start of a step until the
+    new version is published, and nothing is served meanwhile (requests stay pending). With
+    `keep_blobs=True` it is served as soon as the subscription arrives.
     """
 
     def __init__(self, sock: zmq.asyncio.Socket, sender: WeightSender, log: logging.Logger | None = None):
@@ -289,14 +297,35 @@ class WeightPublisher:
         self.subscribed: set[bytes] = set()  # personal topics whose SUB is attached
         self.pending: dict[str, int] = {}  # sampler id -> have_version
         self.resent = 0
+        self.hold = False  # the live weights are ahead of the last published version (see above)
+        self.full_waits = 0  # sends that found a subscriber's pipe full and waited
+        self._lock = asyncio.Lock()
 
-    async def publish(self, version: int, state_fn: StateFn, specs: list[TensorSpec] | None = None) -> int:
-        """Broadcast every chunk of `version`; returns the number of chunks."""
+    async def send(self, msg: Message, topic: bytes) -> None:
+        """Send one chunk, waiting (not failing) while a subscriber's pipe is at its high-water mark."""
+        delay = 0.001
+        while True:
+            try:
+                await send_message(self.sock, msg, topic=topic)
+                return
+            except zmq.Again:
+                self.full_waits += 1
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.05)
+
+    async def publish(self, version: int, state_fn: StateFn, specs: list[TensorSpec] | None = None, *,
+                      in_thread: bool = False) -> int:
+        """Broadcast every chunk of `version`; returns the number of chunks. `in_thread`: serialise each
+        chunk in a worker thread, so the event loop keeps serving while the state is walked."""
         n = 0
-        for msg in self.sender.publish(version, state_fn, specs):
-            await send_message(self.sock, msg, topic=BROADCAST_TOPIC)
-            n += 1
-        return n
+        async with self._lock:
+            chunks = self.sender.publish(version, state_fn, specs)
+            while True:
+                msg = await asyncio.to_thread(next, chunks, None) if in_thread else next(chunks, None)
+                if msg is None:
+                    return n
+                await self.send(msg, BROADCAST_TOPIC)
+                n += 1
 
     def on_request(self, req: WeightsRequest) -> None:
         self.pending[req.sampler_id] = req.have_version
@@ -309,21 +338,24 @@ class WeightPublisher:
 
     async def serve_pending(self) -> int:
         """Stream the last version to every pending requester that is subscribed and behind; returns how many.
-        While a publish is in progress nothing is served (requests stay pending): call again after it."""
-        if self.sender.publishing:
-            return 0
+        Nothing is served while a publish is in progress, nor while the live weights are ahead of the last
+        published version (`hold`) without kept blobs: the requests stay pending for the next call."""
         served = 0
-        for sampler_id, have in list(self.pending.items()):
-            topic = personal_topic(sampler_id)
-            if topic not in self.subscribed:
-                continue
-            del self.pending[sampler_id]
-            if self.sender.last_version <= have:
-                continue
-            for msg in self.sender.resend():
-                await send_message(self.sock, msg, topic=topic)
-            served += 1
-            self.resent += 1
+        async with self._lock:
+            for sampler_id in list(self.pending):
+                if self.sender.publishing or (self.hold and not self.sender.keep_blobs):
+                    break
+                topic = personal_topic(sampler_id)
+                if topic not in self.subscribed:
+                    continue
+                have = self.pending.pop(sampler_id)
+                if self.sender.last_version <= have:
+                    continue
+                chunks = self.sender.resend()
+                while (msg := await asyncio.to_thread(next, chunks, None)) is not None:
+                    await self.send(msg, topic)
+                served += 1
+                self.resent += 1
         return served
 
     async def run_subscriptions(self) -> None:

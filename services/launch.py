@@ -91,7 +91,10 @@ class Progress:
             return
         self.offset += len(chunk[: end + 1].encode())
         for line in chunk[: end + 1].splitlines():
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except ValueError:   # a display must not take the run down; read_metrics reports bad lines
+                continue
             self.last = row
             done = int(row.get("version", row.get("step", 0) + 1))
             mode = {0: "none", 2: "R2", 3: "R3"}.get(row.get("replay/mode", -1), "?")

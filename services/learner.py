@@ -92,7 +92,13 @@ class RunLog:
 
     def __init__(self, run_dir: Path):
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():   # a crash mid-write left a torn last line: cut it, or our first row would join it
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        self.metrics = open(path, "a", buffering=1)
         self.events = open(run_dir / "events.log", "a", buffering=1)
 
     def event(self, text: str) -> None:
@@ -127,7 +133,6 @@ class LearnerHub:
         self.log = setup_logging("learner")
         self.stop = asyncio.Event()
         self.batch_event = asyncio.Event()
-        self.training = False
         self.trainer: Any = None
         self.tok: Any = None
         self.tracker = StalenessTracker(cfg.staleness, cfg.num_minibatches)
@@ -165,8 +170,7 @@ class LearnerHub:
                 if n:
                     self.runlog.event(f"released {n} groups of restarted {msg.sampler_id}")
             publisher.on_request(msg)
-            if not self.training:
-                await publisher.serve_pending()
+            await publisher.serve_pending()   # waits while a step holds the weights (publisher.hold)
         elif isinstance(msg, Heartbeat):
             pass
         else:
@@ -225,14 +229,9 @@ class LearnerHub:
         # Without specs the sender walks the state twice (plan, then serialise): the other ranks must walk it
         # as often, since every walk gathers shards collectively.
         self._command({"op": "publish", "version": version, "passes": 2})
-        chunks = publisher.sender.publish(version, self.trainer.state_fn)
-        n = 0
-        while True:  # serialise chunk by chunk off the event loop, send each as soon as it is ready
-            msg = await asyncio.to_thread(next, chunks, None)
-            if msg is None:
-                break
-            await send_message(publisher.sock, msg, topic=b"w:*\x00")
-            n += 1
+        # chunk by chunk off the event loop, each sent as soon as it is ready
+        await publisher.publish(version, self.trainer.state_fn, in_thread=True)
+        publisher.hold = False   # the live weights are the published version again: late joiners may be served
         await publisher.serve_pending()
         return time.monotonic() - t0
 
@@ -260,11 +259,8 @@ class LearnerHub:
             decision = self.tracker.choose_mode(v, [oldest_version(g, v) for g in groups], routes_available=routes)
             per_mb = [[oldest_version_of_response(r, v) for g in groups[k * mb:(k + 1) * mb] for r in g.responses]
                       for k in range(n)]
-            self.training = True
-            try:
-                tm = await asyncio.to_thread(self._train, groups, decision.mode, v)
-            finally:
-                self.training = False
+            publisher.hold = True   # from here until the new version is out, the live weights are not the published ones
+            tm = await asyncio.to_thread(self._train, groups, decision.mode, v)
             train_s = time.monotonic() - t_start
             self.busy_s += train_s
             ctl.finish_step()

@@ -78,6 +78,7 @@ class SamplerService:
         self.generating = False
         self.new_weights = asyncio.Event()
         self.duplicate_chunks = 0
+        self.last_chunk_at = 0.0  # monotonic time of the last weight chunk (a stream in progress)
 
     @property
     def version(self) -> int:
@@ -99,6 +100,7 @@ class SamplerService:
     def on_weights(self, msg: Message, _peer: bytes | None) -> None:
         if not isinstance(msg, WeightUpdate):
             raise ProtocolError(f"unexpected {msg.TYPE} on the weights channel")
+        self.last_chunk_at = time.monotonic()
         if msg.version <= self.receiver.version:
             # The same version can arrive twice (broadcast and, after a WeightsRequest, our personal topic):
             # expected, not an error.
@@ -149,7 +151,10 @@ class SamplerService:
                 await self.handle_rollback(dealer)
             await self.apply_pending()
             if self.version < 0:
-                if time.monotonic() - last_weights_request > REQUEST_TIMEOUT_S:
+                # Ask again only when nothing is on its way: a request answered by a stream in progress
+                # (or a complete version waiting to be applied) would only cost another full stream.
+                quiet = time.monotonic() - max(last_weights_request, self.last_chunk_at)
+                if quiet > REQUEST_TIMEOUT_S and self.pending is None:
                     await send_message(dealer, WeightsRequest(sampler_id=self.sampler_id, have_version=-1))
                     last_weights_request = time.monotonic()
                 await asyncio.sleep(0.02)

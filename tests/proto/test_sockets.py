@@ -293,3 +293,56 @@ async def test_publisher_serves_requests_only_when_subscribed_behind_and_idle():
     assert await pub.serve_pending() == 0 and not pub.pending  # already up to date: dropped
     pub.on_subscription(b"\x00" + personal_topic("a"))
     assert not pub.subscribed
+
+
+async def test_publish_waits_for_a_slow_subscriber_instead_of_failing(tcp_addr):
+    # More chunks than the weights high-water mark while the subscriber does not read: the publish waits
+    # (an asyncio XPUB with NODROP reports a full pipe as zmq.Again) and every chunk arrives, in order.
+    ctx = zmq.asyncio.Context()
+    opts = SocketOptions(linger_ms=0, heartbeat_s=0.5, weights_hwm=2)
+    try:
+        publisher = WeightPublisher(weights_pub(ctx, tcp_addr, opts), WeightSender(chunk_bytes=64 << 10))
+        sub = weights_sub(ctx, tcp_addr, "slow", opts)
+        sub.setsockopt(zmq.RCVBUF, 1 << 16)
+        async with _task(publisher.run_subscriptions()):
+            await _until(lambda: publisher.subscribed)
+            state = {f"w{i}": torch.randn(256, 256) for i in range(24)}   # 6 MB in 96 chunks of 64 kB
+            task = asyncio.create_task(publisher.publish(1, lambda: state.items()))
+            await asyncio.sleep(0.5)
+            assert not task.done() and publisher.full_waits > 0   # blocked at the mark, not failed
+            receiver, complete = WeightReceiver(), []
+            while not complete:
+                frames = await asyncio.wait_for(sub.recv_multipart(copy=False), 10)
+                out = receiver.feed(decode(frames[1:]))
+                if out is not None:
+                    complete.append(out)
+            assert await asyncio.wait_for(task, 10) == 96
+        assert all(torch.equal(complete[0].tensors[k], v) for k, v in state.items())
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_concurrent_serving_serves_each_request_once_and_waits_out_a_hold():
+    from minirl_async.proto.sockets import personal_topic
+
+    sent: list[bytes] = []
+
+    class SlowSock:
+        async def send_multipart(self, frames, copy=False):
+            await asyncio.sleep(0.01)   # lets the other caller run mid-stream
+            sent.append(frames[0])
+
+    state = _state(4)
+    pub = WeightPublisher(SlowSock(), WeightSender(chunk_bytes=2000))   # re-serialises: honours `hold`
+    n = await pub.publish(1, lambda: state.items())
+    for sid in ("a", "b"):
+        pub.on_request(WeightsRequest(sampler_id=sid, have_version=-1))
+        pub.on_subscription(b"\x01" + personal_topic(sid))
+    pub.hold = True   # a step is changing the weights: nothing may be re-serialised now
+    assert await pub.serve_pending() == 0 and set(pub.pending) == {"a", "b"}
+    pub.hold = False
+    served = await asyncio.gather(pub.serve_pending(), pub.serve_pending(), pub.serve_pending())
+    assert sum(served) == 2 and not pub.pending
+    streams = sent[n:]
+    assert sorted(streams) == sorted([personal_topic("a")] * n + [personal_topic("b")] * n)
+    assert streams[:n] in ([personal_topic("a")] * n, [personal_topic("b")] * n)   # never interleaved

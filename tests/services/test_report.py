@@ -62,3 +62,25 @@ def test_missing_metrics_is_a_clear_error(tmp_path):
         assert "metrics.jsonl" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_steps_redone_after_a_restart_keep_their_last_record(tmp_path):
+    # steps 0-3, a learner restart from the checkpoint of version 2, steps 2-3 again (other rewards)
+    rows = _rows(4) + [{**r, "reward/mean": 9.0} for r in _rows(4)[2:]]
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_metrics(p)
+    assert [r["step"] for r in got] == [0, 1, 2, 3]
+    assert [r["reward/mean"] for r in got] == [0.0, 0.1, 9.0, 9.0]
+    assert lag_histogram(got) == lag_histogram(_rows(4))   # the abandoned steps' samples are not counted
+
+
+def test_run_log_cuts_a_torn_line_before_appending(tmp_path):
+    from minirl_async.services.learner import RunLog
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 0}\n{"step": 1, "rew')   # the previous learner died mid-write
+    log = RunLog(tmp_path)
+    log.step({"step": 1})
+    log.close()
+    assert p.read_text() == '{"step": 0}\n{"step": 1}\n' and [r["step"] for r in read_metrics(p)] == [0, 1]
