@@ -15,12 +15,18 @@ Life of a group (id `g<seq>`, seq = 0, 1, 2, ... in dataset order):
     new -> in_flight (granted, lease running) -> ready (first ScoredGroup arrived) -> trained (removed)
     in_flight --lease ended / sampler restarted / grader failed--> requeued --grant--> in_flight (attempt+1)
     ready --consumption guard (too stale)--> requeued
+    in_flight --failed `max_invalid` times (engine abort, empty response, grader error)--> discarded
 Only groups that are in flight or requeued accept an arrival; anything else is a duplicate (counted,
 dropped). A group is trained at most once and never dropped without being re-issued, so at all times
     issued == trained + discarded + in_flight + requeued + ready     (`pipeline/lost` = the difference = 0)
-where `discarded` counts only prompts the engine could not serve `max_invalid` times (logged).
-Memory is bounded by the admission bound: at version v at most (v + eta + 1) * groups_per_step groups have
-been issued and v * groups_per_step trained, so the ledger never holds more than (eta + 1) * groups_per_step.
+where `discarded` counts only prompts that failed `max_invalid` times (logged). A discarded prompt gives its
+admission slot back (it will never be trained: counting it would shrink the window for good, and after
+eta * groups_per_step + 1 discards no batch could ever fill). So the bound reads: at version v at most
+(v + eta + 1) * groups_per_step groups issued and not discarded, v * groups_per_step trained, and the ledger
+never holds more than (eta + 1) * groups_per_step: memory is bounded.
+After a learner restart the groups that were in flight are re-issued at once: the dead process's
+samplers and graders may never return them, and waiting out a lease (an hour on GPU configs) stalls the
+run; if the old rollouts do arrive, the first arrival wins as always.
 """
 
 from __future__ import annotations
@@ -84,18 +90,19 @@ class Controller:
         self.counters = {"grants": 0, "reissued": 0, "trained": 0, "dropped_stale": 0, "grader_errors": 0,
                          "lease_expired": 0, "duplicates": 0, "unknown": 0, "released": 0, "future": 0,
                          "invalid": 0, "discarded": 0}
-        self.invalid_count: dict[int, int] = {}  # seq -> invalid arrivals (a prompt the engine cannot serve)
+        self.failures: dict[int, int] = {}  # seq -> failed arrivals (invalid rollouts or grader errors)
 
     # ---- granting ------------------------------------------------------------------------------------
 
     def _fresh_enough(self, seq: int | None, sampler_version: int) -> bool:
         """Would a group generated now with `sampler_version` weights still pass the guard when consumed?
 
-        A new group of index seq is expected in the batch of step seq // groups_per_step; a re-issued one
-        (seq None) in the current step. Granting a sampler whose weights are already too old only produces
+        A new group of index seq is expected in the batch of step (seq - discarded) // groups_per_step; a
+        re-issued one (seq None) in the current step. Granting a sampler whose weights are already too old only produces
         work the consumption guard will throw away, so it backs off until the new weights reach it.
         """
-        expected_step = self.version if seq is None else max(self.version, seq // self.groups_per_step)
+        admitted = None if seq is None else seq - self.counters["discarded"]   # discards gave their slots back
+        expected_step = self.version if admitted is None else max(self.version, admitted // self.groups_per_step)
         return sampler_version >= 0 and not self.tracker.is_stale(sampler_version, expected_step)
 
     def grant(self, holder: str, max_groups: int, sampler_version: int) -> list[Ticket]:
@@ -112,7 +119,7 @@ class Controller:
             e.state, e.deadline, e.holder = IN_FLIGHT, now + self.lease_s, holder
             self.counters["reissued"] += 1
             out.append(Ticket(group_id_of(e.seq), e.attempt, e.prompt))
-        limit = self.tracker.admission_limit(self.version, self.groups_per_step)
+        limit = self.tracker.admission_limit(self.version, self.groups_per_step) + self.counters["discarded"]
         while len(out) < max_groups and self.next_seq + 1 <= limit and self._fresh_enough(self.next_seq,
                                                                                            sampler_version):
             seq = self.next_seq
@@ -156,9 +163,10 @@ class Controller:
         """Record a ScoredGroup. Returns 'accepted', 'duplicate', 'unknown', 'grader_error', 'stale',
         'future', 'invalid' or 'discarded'.
 
-        `invalid`: the rollouts cannot be trained on (an engine abort, an empty response). The prompt is
-        issued again; after `max_invalid` such arrivals it is discarded for good (counted: a prompt the
-        engine refuses every time would otherwise circulate forever).
+        `invalid`: the rollouts cannot be trained on (an engine abort, an empty response); `grader_failed`:
+        the grader's failure policy dropped the group. The prompt is issued again; after `max_invalid` such
+        failures it is discarded for good (counted: a prompt the engine or the grader refuses every time
+        would otherwise circulate forever, ahead of new prompts).
 
         The first arrival of a group id wins whatever its attempt (an earlier attempt that was only late is
         as good as the re-issued one, whose arrival will then be the duplicate).
@@ -173,20 +181,16 @@ class Controller:
             return "duplicate"
         if e.state == REQUEUED:
             self.requeue.remove(seq)
-        if invalid:
-            self.counters["invalid"] += 1
-            n = self.invalid_count[seq] = self.invalid_count.get(seq, 0) + 1
+        if invalid or grader_failed:
+            self.counters["invalid" if invalid else "grader_errors"] += 1
+            n = self.failures[seq] = self.failures.get(seq, 0) + 1
             if n >= self.max_invalid:
                 del self.ledger[seq]
-                self.invalid_count.pop(seq)
+                self.failures.pop(seq)
                 self.counters["discarded"] += 1
                 return "discarded"
             self._requeue(e)
-            return "invalid"
-        if grader_failed:
-            self.counters["grader_errors"] += 1
-            self._requeue(e)
-            return "grader_error"
+            return "invalid" if invalid else "grader_error"
         if newest_version is not None and newest_version > self.version:
             # Weights newer than ours: made by a learner incarnation that a restart rolled back. Not ours
             # to train on (the lag would be negative); the prompt is issued again.
@@ -226,6 +230,7 @@ class Controller:
         out = []
         for seq in seqs:
             e = self.ledger.pop(seq)
+            self.failures.pop(seq, None)
             out.append((group_id_of(seq), e.payload))
         self.counters["trained"] += len(seqs)
         return out
@@ -260,26 +265,24 @@ class Controller:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume the same stream (JSON-friendly). Ready payloads are not saved: the
-        groups they belong to are requeued on load (their rollouts came from weights of this incarnation)."""
-        entries = [{"seq": e.seq, "prompt": asdict(e.prompt), "attempt": e.attempt,
-                    "state": IN_FLIGHT if e.state == IN_FLIGHT else REQUEUED, "holder": e.holder}
+        """Everything needed to resume the same stream (JSON-friendly). Every unfinished group is requeued on
+        load (ready payloads are not saved; in-flight ones may never come back, see the module docstring)."""
+        entries = [{"seq": e.seq, "prompt": asdict(e.prompt), "attempt": e.attempt, "failures": self.failures.get(e.seq, 0)}
                    for e in sorted(self.ledger.values(), key=lambda e: e.seq)]
         return {"version": self.version, "next_seq": self.next_seq, "entries": entries,
                 "counters": dict(self.counters), "source": self.source.state_dict(),
                 "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore; in-flight leases restart now (the clock of the dead process means nothing here)."""
+        """Restore; every unfinished group is requeued, oldest first."""
         self.version, self.next_seq = int(state["version"]), int(state["next_seq"])
         self.counters = {**self.counters, **state["counters"]}
         self.source.load_state_dict(state["source"])
         self.tracker.load_state_dict(state["tracker"])
-        self.ledger, self.requeue, self.ready, self.invalid_count = {}, [], [], {}
-        now = self.clock()
+        self.ledger, self.requeue, self.ready, self.failures = {}, [], [], {}
         for d in state["entries"]:
-            e = _Entry(int(d["seq"]), Prompt(**d["prompt"]), int(d["attempt"]), d["state"],
-                       now + self.lease_s, d.get("holder", ""))
+            e = _Entry(int(d["seq"]), Prompt(**d["prompt"]), int(d["attempt"]), REQUEUED)
             self.ledger[e.seq] = e
-            if e.state == REQUEUED:
-                self.requeue.append(e.seq)
+            self.requeue.append(e.seq)
+            if d.get("failures"):
+                self.failures[e.seq] = int(d["failures"])
