@@ -83,8 +83,18 @@ class SGLangSection(_Section):
     """Tensor parallel size of each SGLang engine."""
     mem_fraction_static: float = Field(0.8, gt=0, le=1)
     """Fraction of GPU memory SGLang reserves for weights and KV cache."""
+    model_path: str = ""
+    """HF folder SGLang loads; empty: the learner's starting checkpoint (run.sft_checkpoint or model.path).
+    Set it when the learner starts from a BF16 folder: with sampler.fp8, SGLang must load a block-FP8 copy
+    of the same architecture (config.json quantization_config with weight_block_size =
+    [model.fp8_block_size] * 2, e.g. Qwen's -FP8 release or `save_hf(..., fp8_block_size=b)`), else it
+    quantises per tensor and ignores the block scales of weight updates. Its weights are replaced by the
+    learner's before the first rollout; only the layout and quantisation matter."""
+    deterministic: bool = False
+    """Launch SGLang with enable_deterministic_inference (batch-invariant kernels, slower). Only then does it
+    honour per-request seeds, so seeded rollouts reproduce; otherwise it ignores them."""
     extra_args: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments passed to `sglang.Engine`."""
+    """Extra keyword arguments passed to `sglang.Engine` (they override the adapter's)."""
 
 
 class SamplerSection(_Section):
@@ -362,6 +372,10 @@ class Config(_Section):
                 f"sampler.max_batch_size ({self.sampler.max_batch_size}) must hold one whole group "
                 f"(algo.group_size = {al.group_size})"
             )
+        owned = sorted({"tp_size", "model_path"} & set(self.sampler.sglang.extra_args))
+        if owned:
+            raise ValueError(f"sampler.sglang.extra_args sets {owned}: use sampler.sglang.{owned[0]} instead (the "
+                             "deploy scripts and the folder check read it from there)")
         if self.staleness.routing_replay == "r3" and not self.sampler.capture_routes:
             raise ValueError("staleness.routing_replay = 'r3' but sampler.capture_routes = false: R3 replays the "
                              "sampler's routes; capture them, or use 'auto' (R2 when routes are missing) or 'r2'")

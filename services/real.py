@@ -41,7 +41,8 @@ class RealEngine:
         model_cfg, _ = read_hf_config(checkpoint)
         self.tok = load_tokenizer(cfg, checkpoint)
         # No weights yet: the learner's version arrives over the weights channel (WeightsRequest at start).
-        self.engine = make_engine(cfg, model_cfg=model_cfg, state=None, version=-1, model_path=checkpoint)
+        self.engine = make_engine(cfg, model_cfg=model_cfg, state=None, version=-1, model_path=checkpoint,
+                                  index=index)
 
     @property
     def version(self) -> int:

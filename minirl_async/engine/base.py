@@ -183,13 +183,14 @@ class Engine(Protocol):
 
 
 def make_engine(cfg: Config, *, model_cfg: ModelConfig, state: NamedTensors | None = None,
-                version: int = 0, model_path: str = "") -> Engine:
-    """The engine of `cfg.sampler.engine`.
+                version: int = 0, model_path: str = "", index: int = 0) -> Engine:
+    """The engine of `cfg.sampler.engine` for sampler `index`.
 
     torch_fp8: built from `model_cfg`; `state` (HF-named tensors, e.g. `iter_hf_state(model)` or
         `iter_hf_folder(path, keep_fp8=True)`) is loaded as `version` when given.
-    sglang: launches `sglang.Engine(model_path=model_path, ...)` (GPU); `model_cfg` gives the layout of the
-        returned routes.
+    sglang: launches `sglang.Engine` on `sampler.sglang.model_path` or `model_path` (GPU); `model_cfg` gives
+        the layout of the returned routes. A given `state` is then loaded as `version` with a weight update
+        (the folder SGLang starts from may be another checkpoint, e.g. an FP8 copy of the base model).
     """
     name = cfg.sampler.engine
     if name == "torch_fp8":
@@ -204,5 +205,9 @@ def make_engine(cfg: Config, *, model_cfg: ModelConfig, state: NamedTensors | No
 
         if not model_path:
             raise ValueError("sampler.engine='sglang' needs a model folder: set model.path or run.sft_checkpoint")
-        return SGLangEngine.from_config(cfg, model_cfg, model_path, version=version)
+        if state is None:
+            return SGLangEngine.from_config(cfg, model_cfg, model_path, version=version, index=index)
+        sgl = SGLangEngine.from_config(cfg, model_cfg, model_path, version=version - 1, index=index)
+        sgl.update_weights(version, state)
+        return sgl
     raise ValueError(f"sampler.engine={name!r}: choose 'torch_fp8' or 'sglang'")

@@ -1,37 +1,47 @@
 """Adapter from the engine interface (base.py) to `sglang.Engine` (GPU; optional extra, imported lazily).
 
-    eng = SGLangEngine.from_config(cfg, model_cfg, "ckpt_fp8/")      # launches sglang.Engine(...)
+    eng = SGLangEngine.from_config(cfg, model_cfg, "ckpt/", index=i)   # checks the folder, launches sglang.Engine
     rollouts = eng.generate(requests); eng.update_weights(v, named_tensors)
 
-What SGLang is asked for (checked against the sglang source, python/sglang/srt/...):
+Needs sglang >= 0.5.10, < 0.6: `enable_return_routed_experts` / `return_routed_experts` exist from 0.5.7, and
+the Engine can be built off the main thread (the sampler service builds it in a worker thread) from 0.5.10.
+What SGLang is asked for (checked against the release source, python/sglang/srt/...):
 - launch: `sglang.Engine(model_path, quantization="fp8", enable_return_routed_experts=True, tp_size,
-  mem_fraction_static, **sampler.sglang.extra_args)` (server_args.py). The folder should be a block-FP8
-  checkpoint (`save_hf(..., fp8_block_size=b)`), so weight updates carry the same layout.
+  mem_fraction_static, random_seed, skip_tokenizer_init=True, enable_deterministic_inference,
+  context_length, **sampler.sglang.extra_args)`. The folder is `sampler.sglang.model_path`, else the learner's
+  checkpoint. With `sampler.fp8` it must be block-FP8 with block `model.fp8_block_size` (checked before the
+  launch): SGLang treats a checkpoint as FP8-serialised only when config.json has quantization_config
+  quant_method "fp8" + weight_block_size (layers/quantization/fp8.py); a BF16 folder is quantised online per
+  tensor and the `weight_scale_inv` of our updates would be dropped. No tokenizer: the adapter speaks token ids.
 - generate: `Engine.generate(input_ids=[...], sampling_params=[...], return_logprob=True,
-  return_routed_experts=True)` (entrypoints/engine.py); one SGLang request per sample (n=1, seed + j as
-  `sampling_seed`), so sample order and seeds are ours. Each output dict has `output_ids` and `meta_info`
-  with `output_token_logprobs` = [(logprob, token_id, text|None), ...], `finish_reason` =
-  {"type": "stop"|"length"|"abort", "matched"|"length"|"message": ...} and `routed_experts` = base64 of the
-  int32 array `[prompt_len + response_len - 1, num_hidden_layers, top_k]` (detokenizer_manager.py
-  `_extract_routed_experts`, layers/moe/routed_experts_capturer.py); `weight_version` when set. Routes of
-  dense layers are dropped so the result has one entry per MoE layer (ALGORITHM.md section 5).
-- weight update, in this order: pause (`TokenizerManager.pause_generation(PauseGenerationReqInput(
-  mode="retract"))`: running requests go back to the queue, so the later flush can succeed; a flush with
-  requests running fails), `begin_weight_update()` if this SGLang has the session API (tokenizer_control_
-  mixin.py, ~v0.5.12+; older builds load weights directly, so it is skipped), `update_weights_from_tensor(
-  named_tensors, flush_cache=False)` in buckets with FP8 weights + `weight_scale_inv` quantised here
-  (SGLang does not re-quantise bf16 into an FP8 checkpoint's blocks), `end_weight_update()`, `flush_cache()`,
-  the new `weight_version`, then `continue_generation`. The offline Engine does not expose pause/continue/
-  begin/end/update_weight_version in every version: they are called on `engine.tokenizer_manager` through
-  `engine.loop` when the Engine lacks them.
+  return_routed_experts=True)`; one SGLang request per sample (n=1, `sampling_seed` = seed + j, unseeded
+  requests get a seed from this adapter's generator), so sample order and seeds are ours. SGLang honours
+  `sampling_seed` only when launched with enable_deterministic_inference (`sampler.sglang.deterministic`):
+  without it, seeded requests do not reproduce. Each output dict has `output_ids` and `meta_info` with
+  `output_token_logprobs` = [(logprob, token_id, text|None), ...], `finish_reason` =
+  {"type": "stop"|"length"|"abort", "matched"|"length"|"message": ...}, `routed_experts` = base64 of the int32
+  array `[prompt_len + response_len - 1, num_hidden_layers, top_k]` (state_capturer/routed_experts.py;
+  layers/moe/routed_experts_capturer.py up to 0.5.10) and `weight_version`. Routes of dense layers are dropped
+  so the result has one entry per MoE layer (ALGORITHM.md section 5).
+- weight update, in this order: pause (`pause_generation(PauseGenerationReqInput(mode="retract"))`: running
+  requests go back to the queue, so the later flush can succeed; a flush with requests running fails),
+  `begin_weight_update()` (session API from 0.5.21, which then refuses updates outside a session; skipped on
+  older builds), `update_weights_from_tensor(named_tensors, flush_cache=False)` in buckets with FP8 weights +
+  `weight_scale_inv` quantised here (SGLang does not re-quantise bf16 into an FP8 checkpoint's blocks),
+  `end_weight_update()` (always, in a finally), `flush_cache()`, `update_weight_version(...)` (from 0.5.19;
+  skipped before, responses then carry our version), then `continue_generation`. A begin refused because a
+  session is already open (e.g. left by a crash) ends that session and retries once. The 0.5.x Engine has no
+  pause/continue/update_weight_version methods: those are `engine.tokenizer_manager` coroutines, run on
+  `engine.loop` with their `managers/io_struct.py` request objects.
 
 Log-probs: SGLang reports log_softmax(logits / T) of each sampled token, the quantity the learner recomputes
-(ALGORITHM.md). With the environment variable `SGLANG_RETURN_ORIGINAL_LOGPROB` set it reports the T = 1
-values instead; the adapter warns once when that meets a temperature other than 0 or 1.
+(ALGORITHM.md). With the environment variable `SGLANG_RETURN_ORIGINAL_LOGPROB` set to 1/true it reports the
+T = 1 values instead; the adapter warns once when that meets a temperature other than 0 or 1.
 
 Threading: like the embedded engine, `generate` blocks; `update_weights` waits for a running `generate` to
-finish (this adapter is never interruptible: SGLang does not report per-token versions). A failed update
-may leave SGLang half-updated (SGLang says so); the adapter then refuses to generate until a complete update
+finish, so every response is produced by one weight version (SGLang also reports per-token `weight_versions`
+spans from 0.5.19; with no update inside a generate they hold one span and are not read). A failed or
+interrupted update may leave SGLang half-updated; the adapter then refuses to generate until a complete update
 succeeds. Malformed SGLang outputs raise `SGLangFormatError` naming the key and what was expected.
 
 Legend: P prompt tokens, R response tokens, L layers, K top-k.
@@ -43,6 +53,7 @@ import base64
 import binascii
 import logging
 import os
+import random
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -53,7 +64,14 @@ import torch
 from minirl_async.engine.base import GenerateRequest, NamedTensors, Rollout, WeightUpdateError, aborted
 from minirl_async.engine.weights import as_dict, check_update
 from minirl_async.models.config import ModelConfig
-from minirl_async.models.fp8 import FP8_DTYPE, SCALE_SUFFIX, quantize_block_fp8, should_quantize
+from minirl_async.models.fp8 import (
+    FP8_DTYPE,
+    SCALE_SUFFIX,
+    block_size_from_config,
+    quantize_block_fp8,
+    should_quantize,
+)
+from minirl_async.models.hf_io import read_hf_config
 from minirl_async.models.routing import routes_dtype
 
 if TYPE_CHECKING:
@@ -64,11 +82,43 @@ _MISSING = object()
 UPDATE_BUCKET_BYTES = 512 << 20
 ORIGINAL_LOGPROB_ENV = "SGLANG_RETURN_ORIGINAL_LOGPROB"
 """When truthy, SGLang returns log_softmax(logits) (temperature 1) instead of log_softmax(logits / T)."""
+# Fields that fix tensor shapes and routing: SGLang's folder must match the learner's model in all of them.
+_LAYOUT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
+                  "decoder_sparse_step", "mlp_only_layers", "tie_word_embeddings")
 
 
 def original_logprob_env() -> bool:
-    """Whether SGLang will return pre-temperature logprobs (it reads the variable as a bool: "1"/"true")."""
-    return os.environ.get(ORIGINAL_LOGPROB_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether SGLang will return pre-temperature logprobs: its sampler reads the variable with
+    get_bool_env_var, where only "1" and "true" (any case) are true."""
+    return os.environ.get(ORIGINAL_LOGPROB_ENV, "").lower() in ("1", "true")
+
+
+def check_model_folder(path: str, model_cfg: ModelConfig, fp8_block: int | None) -> None:
+    """Refuse, before launching SGLang, a folder it would load differently from what weight updates assume:
+    another architecture than `model_cfg`, or not block-FP8 with block `fp8_block` (None: must not be FP8)."""
+    folder_cfg, raw = read_hf_config(path)
+    diff = [f"{k} {getattr(folder_cfg, k)!r} != {getattr(model_cfg, k)!r}" for k in _LAYOUT_FIELDS
+            if getattr(folder_cfg, k) != getattr(model_cfg, k)]
+    if diff:
+        raise ValueError(f"{path}: SGLang's model folder differs from the learner's model ({'; '.join(diff)}); "
+                         "sampler.sglang.model_path must be a copy of the same architecture")
+    found = block_size_from_config(raw, f"{path}/config.json")
+    if found == fp8_block:
+        return
+    if fp8_block is None:
+        raise ValueError(f"{path} is a block-FP8 checkpoint but sampler.fp8 = false: SGLang would load it as FP8 "
+                         "while weight updates carry unquantised weights; set sampler.fp8 = true or use a BF16 folder")
+    if found is None:
+        raise ValueError(
+            f"sampler.fp8 = true but {path} is not a block-FP8 checkpoint (config.json has no quantization_config "
+            f"with quant_method 'fp8' and weight_block_size [{fp8_block}, {fp8_block}]): SGLang would quantise it "
+            "per tensor and ignore the weight_scale_inv of weight updates. Point sampler.sglang.model_path at an "
+            f"FP8 copy (Qwen's -FP8 releases use block 128, or write one with minirl_async.models.hf_io.save_hf("
+            f"model, cfg, folder, fp8_block_size={fp8_block})), or set sampler.fp8 = false")
+    raise ValueError(f"{path} is block-FP8 with weight_block_size [{found}, {found}] but model.fp8_block_size = "
+                     f"{fp8_block}: weight updates would carry scales SGLang cannot load; set "
+                     f"model.fp8_block_size = {found} or use a folder quantised with block {fp8_block}")
 
 
 class SGLangFormatError(ValueError):
@@ -153,7 +203,8 @@ class SGLangEngine:
     """The engine interface over an `sglang.Engine` (or anything with its methods, e.g. a test fake)."""
 
     def __init__(self, engine: Any, model_cfg: ModelConfig, *, version: int = 0, fp8: bool = True,
-                 fp8_block: int = 128, capture_routes: bool = True, max_context: int | None = None):
+                 fp8_block: int = 128, capture_routes: bool = True, max_context: int | None = None,
+                 seed: int = 0):
         self.engine, self.cfg = engine, model_cfg
         self.fp8, self.fp8_block = fp8, fp8_block
         self.capture_routes = capture_routes and model_cfg.num_moe_layers > 0
@@ -163,24 +214,37 @@ class SGLangEngine:
         self._paused = False
         self._broken: str | None = None    # last failed update's message: SGLang may be half-updated
         self._warned_original_logprob = False
+        # Seeds of unseeded requests: under deterministic inference SGLang gives every unseeded request the
+        # same fixed seed, so the samples of a group would be identical.
+        self._seed_rng = random.Random(seed)
         self._stats = {"requests": 0, "refused_requests": 0, "updates": 0, "refused_updates": 0}
 
     @classmethod
-    def from_config(cls, cfg: Config, model_cfg: ModelConfig, model_path: str, *, version: int = 0) -> SGLangEngine:
+    def from_config(cls, cfg: Config, model_cfg: ModelConfig, model_path: str, *, version: int = 0,
+                    index: int = 0) -> SGLangEngine:
+        """Check SGLang's folder (`sampler.sglang.model_path`, else `model_path`) and launch the engine of
+        sampler `index` (its seed: run.seed * 1000 + index, as the fake engine's)."""
+        s = cfg.sampler
+        path = s.sglang.model_path or model_path
+        check_model_folder(path, model_cfg, cfg.model.fp8_block_size if s.fp8 else None)
         try:
             import sglang  # optional extra: GPU samplers only
         except ImportError as e:
             raise ValueError("sampler.engine='sglang' needs the sglang package (pip install 'minirl-async[sglang]') "
                              "and a GPU; use sampler.engine='torch_fp8' otherwise") from e
-        s = cfg.sampler
-        kw: dict[str, Any] = {"model_path": model_path, "tp_size": s.sglang.tp_size,
+        seed = cfg.run.seed * 1000 + index
+        kw: dict[str, Any] = {"model_path": path, "tp_size": s.sglang.tp_size,
                               "mem_fraction_static": s.sglang.mem_fraction_static,
-                              "enable_return_routed_experts": s.capture_routes, "random_seed": cfg.run.seed}
+                              "enable_return_routed_experts": s.capture_routes, "random_seed": seed,
+                              "skip_tokenizer_init": True,   # token ids in and out; folders may lack a tokenizer
+                              "enable_deterministic_inference": s.sglang.deterministic}
+        if s.max_context:
+            kw["context_length"] = s.max_context
         if s.fp8:
             kw["quantization"] = "fp8"
         kw.update(s.sglang.extra_args)
         return cls(sglang.Engine(**kw), model_cfg, version=version, fp8=s.fp8, fp8_block=cfg.model.fp8_block_size,
-                   capture_routes=s.capture_routes, max_context=s.max_context or None)
+                   capture_routes=s.capture_routes, max_context=s.max_context or None, seed=seed)
 
     # ------------------------------------------------------------------------------------ helpers
     def _call(self, method: str, request_class: str | None = None, **kw: Any) -> Any:
@@ -198,11 +262,7 @@ class SGLangEngine:
             from sglang.srt.managers import io_struct  # type: ignore[import-not-found]
 
             args = (getattr(io_struct, request_class)(**kw),)
-        try:
-            coro = tm_fn(*args)
-        except TypeError:  # sglang <= 0.5.5: pause_generation() / continue_generation() take no request
-            coro = tm_fn()
-        return self.engine.loop.run_until_complete(coro)
+        return self.engine.loop.run_until_complete(tm_fn(*args))
 
     @staticmethod
     def _ok(result: Any) -> tuple[bool, str]:
@@ -250,13 +310,13 @@ class SGLangEngine:
                             "ratios will be wrong; unset %s", ORIGINAL_LOGPROB_ENV, p.temperature,
                             p.temperature, ORIGINAL_LOGPROB_ENV)
             out.append([])
+            base = p.seed if p.seed is not None else self._seed_rng.getrandbits(62)
             for j in range(p.n):
                 sp: dict[str, Any] = {"temperature": p.temperature, "top_p": p.top_p,
                                       "top_k": p.top_k if p.top_k > 0 else -1,
                                       "max_new_tokens": min(p.max_new_tokens, self.max_context - len(prompt)),
                                       "stop_token_ids": list(p.stop_token_ids), "n": 1}
-                if p.seed is not None:
-                    sp["sampling_seed"] = p.seed + j
+                sp["sampling_seed"] = base + j   # honoured only with enable_deterministic_inference
                 slots.append((r, prompt))
                 input_ids.append(prompt)
                 params.append(sp)
@@ -285,6 +345,8 @@ class SGLangEngine:
             raise
         with self._lock:
             self._call("pause_generation", "PauseGenerationReqInput", mode="retract")
+            # Broken until the update completes: an exception half-way leaves SGLang partly updated.
+            self._broken = f"the update to version {version} did not complete"
             try:
                 failure = self._apply(version, wire)
             finally:
@@ -299,18 +361,29 @@ class SGLangEngine:
             self._version = version
             self._stats["updates"] += 1
 
+    def _begin(self) -> tuple[bool, str]:
+        ok, msg = self._ok(self._call("begin_weight_update", "BeginWeightUpdateReqInput"))
+        if not ok and "already open" in msg:
+            # A session left open (an earlier process or client died inside one) would block every update.
+            log.warning("sglang reports an open weight-update session (%s); ending it and retrying", msg)
+            self._call("end_weight_update", "EndWeightUpdateReqInput")
+            ok, msg = self._ok(self._call("begin_weight_update", "BeginWeightUpdateReqInput"))
+        return ok, msg
+
     def _apply(self, version: int, wire: list[tuple[str, torch.Tensor]]) -> str | None:
         """begin -> tensor buckets -> end -> flush -> version; the first failing step as 'step: message'."""
-        ok, msg = self._ok(self._call("begin_weight_update", "BeginWeightUpdateReqInput"))
+        ok, msg = self._begin()
         if not ok:
             return f"begin_weight_update: {msg}"
         failure = None
-        for bucket in _buckets(wire, UPDATE_BUCKET_BYTES):
-            ok, msg = self._ok(self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False))
-            if not ok:
-                failure = f"update_weights_from_tensor: {msg}"
-                break
-        ok, msg = self._ok(self._call("end_weight_update", "EndWeightUpdateReqInput"))  # close the session anyway
+        try:
+            for bucket in _buckets(wire, UPDATE_BUCKET_BYTES):
+                ok, msg = self._ok(self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False))
+                if not ok:
+                    failure = f"update_weights_from_tensor: {msg}"
+                    break
+        finally:  # close the session even when a bucket raised: an open session refuses the next begin
+            ok, msg = self._ok(self._call("end_weight_update", "EndWeightUpdateReqInput"))
         if failure is not None or not ok:
             return failure or f"end_weight_update: {msg}"
         ok, msg = self._ok(self.engine.flush_cache())

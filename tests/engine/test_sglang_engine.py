@@ -1,25 +1,32 @@
 """SGLang adapter: contract tests against fixtures in SGLang's response format (fixtures/*.json cite the
-source files they follow), a fake `sglang.Engine` for the call sequence of weight updates, and a GPU test
-against the real thing (skipped without a GPU or sglang).
+source files they follow), fakes of `sglang.Engine` for the call sequence of weight updates (one shaped like
+the 0.5.23 Engine, behind a stub `sglang` package), launch arguments and folder checks of `from_config`, and a
+GPU test against the real thing (skipped without a GPU or sglang).
 
     pytest tests/engine/test_sglang_engine.py -q
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
+import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from minirl_async.config import Config
 from minirl_async.engine.base import GenerateRequest, SamplingParams, WeightUpdateError
 from minirl_async.engine.sglang_engine import SGLangEngine, SGLangFormatError, fp8_wire_tensors, parse_output
 from minirl_async.models.config import ModelConfig
 from minirl_async.models.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_state
-from minirl_async.models.hf_io import iter_hf_state
+from minirl_async.models.hf_io import iter_hf_state, save_hf
 from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -65,6 +72,20 @@ def test_malformed_outputs_raise_clear_errors(case: str) -> None:
         parse_output(BAD[case]["output"], [1, 2, 3], tiny(), version=0, want_routes=True)
 
 
+def fixture_outputs(input_ids: list[list[int]], sampling_params: list[dict[str, Any]], return_logprob: bool,
+                    weight_version: str) -> list[dict[str, Any]]:
+    """SGLang's answer from the fixture, one output per input."""
+    assert return_logprob and len(input_ids) == len(sampling_params)
+    by_prompt = {tuple(p): o for p, o in zip(OK["prompts"], OK["outputs"])}
+    outs = []
+    for ids, sp in zip(input_ids, sampling_params):
+        assert sp["n"] == 1
+        o = json.loads(json.dumps(by_prompt[tuple(ids)]))
+        o["meta_info"]["weight_version"] = weight_version
+        outs.append(o)
+    return outs
+
+
 class FakeSGLang:
     """Stands in for `sglang.Engine`: records calls, answers from the fixture, enforces SGLang's rules
     (no flush while requests run, update only inside a begin/end session when the session API exists)."""
@@ -77,6 +98,7 @@ class FakeSGLang:
         self.session_api = session_api
         self.fail_update = fail_update
         self.weight_version = "default"
+        self.sampling_params: list[dict[str, Any]] = []
         if not session_api:
             self.begin_weight_update = None  # type: ignore[assignment]
             self.end_weight_update = None  # type: ignore[assignment]
@@ -84,16 +106,8 @@ class FakeSGLang:
     def generate(self, input_ids: list[list[int]], sampling_params: list[dict[str, Any]], return_logprob: bool,
                  return_routed_experts: bool) -> list[dict[str, Any]]:
         self.calls.append("generate")
-        assert return_logprob and len(input_ids) == len(sampling_params)
-        by_prompt = {tuple(p): o for p, o in zip(OK["prompts"], OK["outputs"])}
-        outs = []
-        for ids, sp in zip(input_ids, sampling_params):
-            assert sp["n"] == 1
-            o = json.loads(json.dumps(by_prompt[tuple(ids)]))
-            o["meta_info"]["weight_version"] = self.weight_version
-            o["sampling_params"] = sp
-            outs.append(o)
-        return outs
+        self.sampling_params = sampling_params
+        return fixture_outputs(input_ids, sampling_params, return_logprob, self.weight_version)
 
     def pause_generation(self, mode: str) -> None:
         self.calls.append(f"pause:{mode}")
@@ -143,6 +157,13 @@ def test_generate_maps_requests_and_outputs() -> None:
     assert out[1][0].finish_reason == "abort" and "empty prompt" in (out[1][0].error or "")
     assert out[0][0].response_ids.tolist() == [7, 9, 11] and out[2][0].finish_reason == "length"
     assert out[0][0].routes is not None and out[0][0].routes.shape == (5, 2, 2)
+    seeds = [sp["sampling_seed"] for sp in fake.sampling_params]
+    assert seeds[:2] == [5, 6]                                     # request seed + j
+    # An unseeded request still gets a seed: with deterministic inference SGLang would otherwise give every
+    # unseeded sample the same one.
+    eng.generate([GenerateRequest([4, 5], SamplingParams(n=2))])
+    a, b = (sp["sampling_seed"] for sp in fake.sampling_params)
+    assert isinstance(a, int) and b == a + 1 and 0 <= a < 2 ** 62
 
 
 def test_weight_update_sequence_with_fp8_weights_and_scales() -> None:
@@ -228,6 +249,7 @@ def test_real_sglang_engine_roundtrip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("env, temperatures, warns", [
     ("1", (0.7, 0.5), True),          # T=1 logprobs against a learner using logits / 0.7: warn, once
     ("True", (0.7,), True),
+    ("yes", (0.7,), False),           # SGLang's get_bool_env_var: only 1/true are true
     ("1", (1.0, 0.0), False),         # T = 1 and greedy (learner uses T = 1) agree with SGLang's values
     ("0", (0.7,), False),
     (None, (0.7,), False),
@@ -248,3 +270,230 @@ def test_warns_once_when_original_logprob_env_meets_a_temperature(
     assert len(hits) == (1 if warns else 0)
     if warns:
         assert hits[0].levelno == logging.WARNING and "temperature 0.7" in hits[0].getMessage()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A fake shaped like the real sglang 0.5.23 Engine, behind a stub `sglang` package
+
+
+@dataclasses.dataclass(kw_only=True)
+class PauseGenerationReqInput:          # sglang/srt/managers/io_struct.py (0.5.23), fields we use
+    mode: str = "abort"
+
+
+@dataclasses.dataclass(kw_only=True)
+class ContinueGenerationReqInput:
+    torch_empty_cache: bool = True
+
+
+@dataclasses.dataclass(kw_only=True)
+class UpdateWeightVersionReqInput:
+    new_version: str
+    abort_all_requests: bool = True
+
+
+class TokenizerManager0523:
+    """Where 0.5.23 keeps pause/continue/update_weight_version: coroutines taking io_struct request objects."""
+
+    def __init__(self, engine: Engine0523):
+        self.engine = engine
+
+    async def pause_generation(self, obj: PauseGenerationReqInput) -> None:
+        assert isinstance(obj, PauseGenerationReqInput)
+        self.engine.calls.append(f"pause:{obj.mode}")
+        if obj.mode == "retract":
+            self.engine.running = 0          # running requests go back to the waiting queue
+
+    async def continue_generation(self, obj: ContinueGenerationReqInput) -> None:
+        assert isinstance(obj, ContinueGenerationReqInput)
+        self.engine.calls.append("continue")
+
+    async def update_weight_version(self, obj: UpdateWeightVersionReqInput) -> None:
+        assert isinstance(obj, UpdateWeightVersionReqInput)
+        self.engine.calls.append(f"version:{obj.new_version}")
+        self.engine.weight_version = obj.new_version
+
+
+class Engine0523:
+    """`sglang.Engine` of 0.5.23 as far as the adapter sees it: only generate, flush_cache and the weight-update
+    session methods on the engine (entrypoints/engine.py); the rest through `tokenizer_manager` on `loop`.
+    Session rules and messages follow managers/scheduler_components/weight_updater.py."""
+
+    def __init__(self, **kwargs: Any):
+        self.kwargs = kwargs                 # what sglang.Engine(**kw) received
+        self.loop = asyncio.new_event_loop()
+        self.tokenizer_manager = TokenizerManager0523(self)
+        self.calls: list[str] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.running = 0
+        self.session_open = False
+        self.raise_in_update = False
+        self.weight_version = "default"
+
+    def generate(self, input_ids: list[list[int]], sampling_params: list[dict[str, Any]],
+                 return_logprob: bool = False, return_routed_experts: bool = False,
+                 **_: Any) -> list[dict[str, Any]]:
+        self.calls.append("generate")
+        return fixture_outputs(input_ids, sampling_params, return_logprob, self.weight_version)
+
+    def begin_weight_update(self, selector: str = "all") -> tuple[bool, str]:
+        self.calls.append("begin")
+        if self.session_open:
+            return False, "a weight-update session is already open; call end_weight_update() first"
+        self.session_open = True
+        return True, "Success"
+
+    def end_weight_update(self) -> tuple[bool, str]:
+        self.calls.append("end")
+        if not self.session_open:
+            return False, "no weight-update session is open; call begin_weight_update() first"
+        self.session_open = False
+        return True, "Success"
+
+    def update_weights_from_tensor(self, named_tensors: list[tuple[str, torch.Tensor]], load_format: str | None = None,
+                                   flush_cache: bool = True) -> tuple[bool, str]:
+        self.calls.append("update")
+        if not self.session_open:
+            return False, "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
+        if self.raise_in_update:
+            raise RuntimeError("CUDA error: injected")
+        self.tensors.update(named_tensors)
+        return True, "Success"
+
+    def flush_cache(self) -> Any:
+        self.calls.append("flush")
+        return types.SimpleNamespace(success=self.running == 0, message="")   # FlushCacheReqOutput
+
+
+@pytest.fixture
+def sglang_stub(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Engine0523]]:
+    """Install a stub `sglang` package (Engine = Engine0523, srt.managers.io_struct with the request classes);
+    yields the engines `sglang.Engine(...)` built."""
+    built: list[Engine0523] = []
+
+    def engine(**kwargs: Any) -> Engine0523:
+        built.append(Engine0523(**kwargs))
+        return built[-1]
+
+    io_struct = types.ModuleType("sglang.srt.managers.io_struct")
+    for cls in (PauseGenerationReqInput, ContinueGenerationReqInput, UpdateWeightVersionReqInput):
+        setattr(io_struct, cls.__name__, cls)
+    mods = {name: types.ModuleType(name) for name in ("sglang", "sglang.srt", "sglang.srt.managers")}
+    mods["sglang"].Engine = engine  # type: ignore[attr-defined]
+    mods["sglang.srt.managers"].io_struct = io_struct  # type: ignore[attr-defined]
+    for name, mod in {**mods, "sglang.srt.managers.io_struct": io_struct}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    yield built
+    for e in built:
+        e.loop.close()
+
+
+def launch(built: list[Engine0523], **kw: Any) -> tuple[SGLangEngine, Engine0523]:
+    import sglang  # the stub
+
+    eng = SGLangEngine(sglang.Engine(), tiny(), version=0, fp8=True, fp8_block=8, **kw)
+    return eng, built[-1]
+
+
+def test_real_shaped_engine_update_sequence(sglang_stub: list[Engine0523]) -> None:
+    eng, fake = launch(sglang_stub)
+    fake.running = 2
+    eng.update_weights(1, state(1))
+    assert fake.calls == ["pause:retract", "begin", "update", "end", "flush", "version:1", "continue"]
+    assert fake.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == FP8_DTYPE
+    assert eng.generate([GenerateRequest([4, 5], SamplingParams())])[0][0].versions.tolist() == [1] * 4
+    fake.calls.clear()
+    eng.pause()
+    eng.resume()
+    assert fake.calls == ["pause:in_place", "continue"]
+
+
+def test_session_left_open_is_ended_and_begun_again(sglang_stub: list[Engine0523],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    eng, fake = launch(sglang_stub)
+    fake.session_open = True            # e.g. a sampler that died inside an update
+    with caplog.at_level(logging.WARNING, logger="minirl_async.engine.sglang_engine"):
+        eng.update_weights(1, state())
+    assert fake.calls[:5] == ["pause:retract", "begin", "end", "begin", "update"]
+    assert eng.version == 1 and not fake.session_open and "already open" in caplog.text
+
+
+def test_exception_inside_update_closes_the_session_and_blocks_generation(sglang_stub: list[Engine0523]) -> None:
+    eng, fake = launch(sglang_stub)
+    fake.raise_in_update = True
+    with pytest.raises(RuntimeError, match="injected"):
+        eng.update_weights(1, state())
+    assert not fake.session_open and fake.calls[-2:] == ["end", "continue"] and eng.version == 0
+    with pytest.raises(RuntimeError, match="did not complete"):
+        eng.generate([GenerateRequest([1, 2, 3], SamplingParams())])
+    fake.raise_in_update = False
+    eng.update_weights(1, state())      # the next begin is not refused: the session was closed
+    assert eng.version == 1 and eng.generate([GenerateRequest([1, 2, 3], SamplingParams())])[0][0].num_tokens == 3
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> dict[str, Path]:
+    """Tiny HF folders written by save_hf: BF16 (no quantization_config) and block-FP8 with block 8."""
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(tiny())
+    return {"bf16": save_hf(model, tiny(), tmp_path / "bf16", dtype=torch.bfloat16),
+            "fp8": save_hf(model, tiny(), tmp_path / "fp8", fp8_block_size=8)}
+
+
+def test_from_config_launch_arguments(sglang_stub: list[Engine0523], folders: dict[str, Path]) -> None:
+    cfg = Config()
+    cfg.run.seed = 3
+    cfg.model.fp8_block_size = 8
+    cfg.sampler.max_context = 32
+    cfg.sampler.sglang.deterministic = True
+    cfg.sampler.sglang.model_path = str(folders["fp8"])       # the learner starts from the BF16 folder
+    eng = SGLangEngine.from_config(cfg, tiny(), str(folders["bf16"]), version=0, index=2)
+    assert sglang_stub[-1].kwargs == {
+        "model_path": str(folders["fp8"]), "tp_size": 1, "mem_fraction_static": 0.8,
+        "enable_return_routed_experts": True, "random_seed": 3002, "skip_tokenizer_init": True,
+        "enable_deterministic_inference": True, "context_length": 32, "quantization": "fp8"}
+    assert eng.max_context == 32 and eng.fp8_block == 8
+    # BF16 sampler: no quantization, no context_length; the learner's folder; extra_args override ours.
+    cfg.sampler.fp8 = False
+    cfg.sampler.max_context = 0
+    cfg.sampler.sglang.model_path = ""
+    cfg.sampler.sglang.extra_args = {"mem_fraction_static": 0.5, "attention_backend": "fa3"}
+    SGLangEngine.from_config(cfg, tiny(), str(folders["bf16"]))
+    kw = sglang_stub[-1].kwargs
+    assert "quantization" not in kw and "context_length" not in kw and kw["model_path"] == str(folders["bf16"])
+    assert kw["random_seed"] == 3000 and kw["enable_deterministic_inference"] is True
+    assert kw["mem_fraction_static"] == 0.5 and kw["attention_backend"] == "fa3"
+
+
+@pytest.mark.parametrize("folder, fp8, block, arch, expect", [
+    ("bf16", True, 8, {}, r"not a block-FP8 checkpoint .*sampler.sglang.model_path.*fp8_block_size=8"),
+    ("fp8", True, 16, {}, r"weight_block_size \[8, 8\] but model.fp8_block_size = 16"),
+    ("fp8", False, 8, {}, r"block-FP8 checkpoint but sampler.fp8 = false"),
+    ("fp8", True, 8, {"num_experts": 16}, r"num_experts 8 != 16"),
+])
+def test_from_config_refuses_a_folder_sglang_would_load_differently(
+        sglang_stub: list[Engine0523], folders: dict[str, Path], folder: str, fp8: bool, block: int,
+        arch: dict[str, Any], expect: str) -> None:
+    cfg = Config()
+    cfg.sampler.fp8 = fp8
+    cfg.model.fp8_block_size = block
+    with pytest.raises(ValueError, match=expect):
+        SGLangEngine.from_config(cfg, dataclasses.replace(tiny(), **arch), str(folders[folder]))
+    assert sglang_stub == []            # refused before launching SGLang
+
+
+def test_make_engine_loads_a_given_state_into_sglang(sglang_stub: list[Engine0523], folders: dict[str, Path]) -> None:
+    # eval of a checkpoint through SGLang: SGLang starts from its own folder (an FP8 copy of the base model),
+    # the checkpoint's weights then arrive as an update, under the version asked for; sampler i seeds i
+    from minirl_async.engine.base import make_engine
+
+    cfg = Config()
+    cfg.sampler.engine = "sglang"
+    cfg.model.fp8_block_size = 8
+    cfg.sampler.sglang.model_path = str(folders["fp8"])
+    eng = make_engine(cfg, model_cfg=tiny(), state=state(2), version=0, model_path=str(folders["bf16"]), index=1)
+    fake = sglang_stub[-1]
+    assert eng.version == 0 and "update" in fake.calls and fake.kwargs["random_seed"] == cfg.run.seed * 1000 + 1
+    assert fake.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == FP8_DTYPE
+    fresh = make_engine(cfg, model_cfg=tiny(), version=-1, model_path=str(folders["bf16"]))   # a sampler at start
+    assert fresh.version == -1 and "update" not in sglang_stub[-1].calls

@@ -91,6 +91,7 @@ def test_malformed_override() -> None:
         (["network.scored_addr=tcp://127.0.0.1:5555"], r"network\.scored_addr and network\.work_addr"),
         (["algo.icepop_low=6"], r"icepop_low"),
         (["staleness.routing_replay=r3", "sampler.capture_routes=false"], r"R3 replays the sampler's routes"),
+        (['sampler.sglang.extra_args={tp_size = 2}'], r"use sampler\.sglang\.tp_size instead"),
     ],
 )
 def test_cross_field_checks(overrides: list[str], pattern: str) -> None:
