@@ -286,8 +286,9 @@ class WeightPublisher:
     slows the stream; it never loses chunks nor crashes the learner).
 
     With `sender.keep_blobs=False` a late joiner is served by re-serialising the live weights, which must
-    still BE the last published version: the learner sets `hold = True` from the start of a step until the
-    new version is published, and nothing is served meanwhile (requests stay pending). With
+    still BE the last published version: before a step changes them the learner calls `hold_weights()`
+    (which waits for a stream in progress to end), and clears `hold` once the new version is published;
+    nothing is served meanwhile (requests stay pending). With
     `keep_blobs=True` it is served as soon as the subscription arrives.
     """
 
@@ -300,6 +301,11 @@ class WeightPublisher:
         self.hold = False  # the live weights are ahead of the last published version (see above)
         self.full_waits = 0  # sends that found a subscriber's pipe full and waited
         self._lock = asyncio.Lock()
+
+    async def hold_weights(self) -> None:
+        """Set `hold` once no stream is going out (one may still be reading the live weights)."""
+        async with self._lock:
+            self.hold = True
 
     async def send(self, msg: Message, topic: bytes) -> None:
         """Send one chunk, waiting (not failing) while a subscriber's pipe is at its high-water mark."""
@@ -338,8 +344,11 @@ class WeightPublisher:
 
     async def serve_pending(self) -> int:
         """Stream the last version to every pending requester that is subscribed and behind; returns how many.
-        Nothing is served while a publish is in progress, nor while the live weights are ahead of the last
-        published version (`hold`) without kept blobs: the requests stay pending for the next call."""
+        Nothing is served while another stream (a publish or a resend) is going out, nor while the live
+        weights are ahead of the last published version (`hold`) without kept blobs: the requests stay
+        pending for the next call."""
+        if self._lock.locked():   # a stream is going out: callers must not queue up behind it
+            return 0
         served = 0
         async with self._lock:
             for sampler_id in list(self.pending):

@@ -140,6 +140,7 @@ class LearnerHub:
                                      cfg.learner.groups_per_step, cfg.staleness.lease_s)
         self.stats = {"work": ChannelStats(), "scored": ChannelStats()}
         self.peers: set[bytes] = set()
+        self._serving: asyncio.Task[int] | None = None   # the task streaming weights to late joiners
         self.last_step_end = time.monotonic()
         self.busy_s = 0.0
         moved = [] if cfg.learner.resume else set_aside_earlier_run(self.run_dir)
@@ -170,11 +171,24 @@ class LearnerHub:
                 if n:
                     self.runlog.event(f"released {n} groups of restarted {msg.sampler_id}")
             publisher.on_request(msg)
-            await publisher.serve_pending()   # waits while a step holds the weights (publisher.hold)
+            self._serve_soon(publisher)
         elif isinstance(msg, Heartbeat):
             pass
         else:
             raise ProtocolError(f"unexpected {msg.TYPE} on the work channel")
+
+    def _serve_soon(self, publisher: WeightPublisher) -> None:
+        """Serve pending WeightsRequests in a task of its own: a full weight stream must not hold up the
+        router's receive loop (WorkRequests keep being answered meanwhile)."""
+        if self._serving is not None and not self._serving.done():
+            return   # that task serves what is pending; later requests are served by the next call
+
+        def done(task: asyncio.Task[int]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                self.log.error("serving late joiners failed: %r", task.exception())
+
+        self._serving = asyncio.create_task(publisher.serve_pending())
+        self._serving.add_done_callback(done)
 
     async def grant(self, router: zmq.asyncio.Socket, req: WorkRequest, peer: bytes) -> None:
         ctl, g = self.controller, self.cfg.algo.group_size
@@ -259,7 +273,7 @@ class LearnerHub:
             decision = self.tracker.choose_mode(v, [oldest_version(g, v) for g in groups], routes_available=routes)
             per_mb = [[oldest_version_of_response(r, v) for g in groups[k * mb:(k + 1) * mb] for r in g.responses]
                       for k in range(n)]
-            publisher.hold = True   # from here until the new version is out, the live weights are not the published ones
+            await publisher.hold_weights()   # until the new version is out, the live weights are not the published ones
             tm = await asyncio.to_thread(self._train, groups, decision.mode, v)
             train_s = time.monotonic() - t_start
             self.busy_s += train_s

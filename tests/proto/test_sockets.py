@@ -346,3 +346,25 @@ async def test_concurrent_serving_serves_each_request_once_and_waits_out_a_hold(
     streams = sent[n:]
     assert sorted(streams) == sorted([personal_topic("a")] * n + [personal_topic("b")] * n)
     assert streams[:n] in ([personal_topic("a")] * n, [personal_topic("b")] * n)   # never interleaved
+
+
+async def test_hold_waits_for_a_stream_in_progress_and_busy_callers_do_not_queue():
+    from minirl_async.proto.sockets import personal_topic
+
+    sent: list[bytes] = []
+
+    class SlowSock:
+        async def send_multipart(self, frames, copy=False):
+            await asyncio.sleep(0.01)
+            sent.append(frames[0])
+
+    state = _state(5)
+    pub = WeightPublisher(SlowSock(), WeightSender(chunk_bytes=2000))
+    n = await pub.publish(1, lambda: state.items())
+    pub.on_request(WeightsRequest(sampler_id="a", have_version=-1))
+    pub.on_subscription(b"\x01" + personal_topic("a"))
+    stream = asyncio.create_task(pub.serve_pending())
+    await asyncio.sleep(0.015)                      # the resend is going out
+    assert await pub.serve_pending() == 0           # a second caller returns at once instead of waiting
+    await pub.hold_weights()                        # a step may change the weights only after the stream
+    assert stream.done() and await stream == 1 and pub.hold and len(sent) == 2 * n
