@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Start every service as its own process on this machine from one config, without the supervising
 # launcher (for debugging a service, or as the template of a hand-made deployment):
-#   deploy/local.sh [-c CONFIG] [key=value ...]          (default config: configs/tiny.toml)
+#   deploy/local.sh [[-c] CONFIG] [key=value ...]        (default config: configs/tiny.toml)
 # Cold-start SFT runs first when the config names no checkpoint (run.sft_checkpoint / model.path).
 # Logs go to RUN_DIR/logs/<service>.log; Ctrl-C stops everything; the script returns the learner's status.
 set -euo pipefail
 . "$(dirname "$0")/_env.sh"
 CONFIG=configs/tiny.toml
-if [ "${1:-}" = "-c" ]; then CONFIG="$2"; shift 2; fi
+if [ "${1:-}" = "-c" ]; then CONFIG="$2"; shift 2
+elif [ $# -gt 0 ] && [[ "$1" != *=* ]]; then CONFIG="$1"; shift; fi
 OVERRIDES=("$@")
 
 # Read values of the resolved config (file + overrides) with the project's own loader.
 cfg() { python - "$CONFIG" "$1" "${OVERRIDES[@]}" <<'PY'
 import sys
-from minirl_async.config import load_config
-cfg = load_config(sys.argv[1], sys.argv[3:])
+from minirl_async.config import ConfigError, load_config
+try:
+    cfg = load_config(sys.argv[1], sys.argv[3:])
+except ConfigError as e:
+    sys.exit(f"[local] config error: {e}")
 value = cfg
 for part in sys.argv[2].split("."):
     value = getattr(value, part)

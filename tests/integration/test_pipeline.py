@@ -318,3 +318,16 @@ def test_real_compute_survives_sampler_and_learner_kills(tmp_path):
     ids = [g for s in range(steps) for g in by_step[s]]
     assert len(ids) == len(set(ids))
     assert metrics(run)[-1]["pipeline/lost"] == 0
+
+
+def test_local_sh_runs_each_service_as_its_own_process(tmp_path):
+    # the README's "one service alone" path: deploy/local.sh CONFIG overrides (no supervising launcher)
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(["bash", "deploy/local.sh", "configs/tiny.toml", f"run.dir={tmp_path}", *FAKE,
+                          *net_overrides(), "learner.num_steps=3"],
+                         cwd=root, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
+    assert {p.name for p in (tmp_path / "logs").iterdir()} >= {"learner.log", "grader-0.log", "sampler-0.log"}
