@@ -164,7 +164,8 @@ class ModelConfig:
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
         rope_params = d.get("rope_parameters") or {}
         scaling = d.get("rope_scaling") or None
-        rope_type = (scaling or {}).get("rope_type", rope_params.get("rope_type", "default"))
+        # "type" is the pre-4.45 transformers spelling of "rope_type" (still found in many config.json files)
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", rope_params.get("rope_type", "default")))
         if rope_type != "default":
             raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only default rotary)")
         names = {f.name for f in dataclasses.fields(cls)}

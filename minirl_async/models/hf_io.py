@@ -189,12 +189,20 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         raise ValueError(f"{folder}: no model*.safetensors file")
     out = {}
     for p in files:
-        with safe_open(str(p), framework="pt") as f:
+        with _safe_open(p) as f:
             for k in f.keys():
                 if k in out:
                     raise ValueError(f"{p.name}: key {k} also stored in {out[k].name}")
                 out[k] = p
     return out
+
+
+def _safe_open(path: Path) -> Any:
+    """`safe_open`, with the file named when it is not a readable safetensors file (truncated, corrupt)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:   # SafetensorError is not importable by name from every safetensors version
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 class _Reader:
@@ -207,7 +215,7 @@ class _Reader:
     def _handle(self, name: str) -> Any:
         p = self.files[name]
         if p not in self._open:
-            self._open[p] = self._stack.enter_context(safe_open(str(p), framework="pt"))
+            self._open[p] = self._stack.enter_context(_safe_open(p))
         h = self._open[p]
         if name not in h.keys():  # the index points at a file that lacks the key
             raise ValueError(f"{p.name}: key {name} is listed in {INDEX_NAME} but not stored in the file")
@@ -229,9 +237,10 @@ def _check_folder(reader: _Reader, cfg: ModelConfig, block: int | None) -> None:
     for name, path in stored.items():
         if name.endswith(SCALE_SUFFIX):
             base = name[: -len(SCALE_SUFFIX)]
-            if block is None or base not in want:
+            if block is None or base not in want or len(want[base]) != 2:
                 raise ValueError(f"{path.name}: unexpected key {name}"
-                                 + ("" if block else " (config.json has no FP8 quantization_config)"))
+                                 + ("" if block else " (config.json has no FP8 quantization_config)")
+                                 + (" (only 2-D weights have FP8 scales)" if base in want and len(want[base]) != 2 else ""))
             N, M = want[base][-2:]
             need = (-(-N // block), -(-M // block))
             if reader.shape(name) != need:

@@ -103,7 +103,6 @@ def evaluate(cfg: Config, checkpoint: str | Path, num_prompts: int | None = None
     finally:
         runner.close()
     lengths = [len(r) for r in sampled.response_ids]
-    per_prompt = [s_rewards[i * k:(i + 1) * k] for i in range(n)]
     return {
         "checkpoint": str(checkpoint),
         "task": cfg.data.task,
@@ -111,9 +110,7 @@ def evaluate(cfg: Config, checkpoint: str | Path, num_prompts: int | None = None
         "num_prompts": n,
         "k": k,
         "temperature": temperature,
-        "greedy_acc": round(statistics.fmean(g_rewards), 4),
-        "pass@1": round(statistics.fmean(s_rewards), 4),
-        f"pass@{k}": round(statistics.fmean(float(max(r) >= 1.0) for r in per_prompt), 4),
+        **accuracy(g_rewards, s_rewards, k),
         "resp_len_mean": round(statistics.fmean(lengths), 2),
         "resp_len_min": min(lengths),
         "resp_len_p50": int(statistics.median(lengths)),
@@ -124,6 +121,17 @@ def evaluate(cfg: Config, checkpoint: str | Path, num_prompts: int | None = None
         "generator": label,
         "seconds": round(time.monotonic() - t0, 1),
     }
+
+
+def accuracy(greedy_rewards: list[float], sampled_rewards: list[float], k: int) -> dict[str, float]:
+    """greedy_acc, pass@1, pass@k (the k samples of a prompt are consecutive) and the mean sampled reward.
+    A response succeeds when its reward is >= 1: partial credit is a miss for every pass@ figure alike."""
+    ok = [r >= 1.0 for r in sampled_rewards]
+    per_prompt = [ok[i:i + k] for i in range(0, len(ok), k)]
+    return {"greedy_acc": round(statistics.fmean(float(r >= 1.0) for r in greedy_rewards), 4),
+            "pass@1": round(statistics.fmean(map(float, ok)), 4),
+            f"pass@{k}": round(statistics.fmean(float(any(p)) for p in per_prompt), 4),
+            "reward_mean": round(statistics.fmean(sampled_rewards), 4)}
 
 
 def format_table(res: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -118,6 +119,13 @@ class JsonlSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "jsonl":
             raise ValueError(f"prompt-source state {state!r} is not a JSONL cursor; was data.task changed?")
+        saved = Path(str(state.get("path", self.path)))
+        same = saved == self.path or (saved.exists() and os.path.samefile(saved, self.path))
+        if not same or int(state["offset"]) > self.path.stat().st_size:
+            # a byte offset means nothing in another file: it would resume mid-line, somewhere
+            raise ValueError(f"the checkpoint's prompt cursor is at byte {state['offset']} of {saved}, but "
+                             f"data.jsonl_path is {self.path}{'' if not same else ' (now shorter)'}: resume with "
+                             "the same file, or start afresh (learner.resume = false)")
         self.epoch, self.offset, self.line = int(state["epoch"]), int(state["offset"]), int(state["line"])
         self.bad_lines = int(state.get("bad_lines", 0))
         # A resumed epoch may start mid-file: count it as having had good lines (it did, before the cut).

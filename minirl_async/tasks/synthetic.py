@@ -7,8 +7,8 @@ Families (choose with `data.task`, several joined by commas mix them evenly, e.g
   Accuracy is limited by carrying and by copying the column digits back in order: skills RL sharpens.
 - `list`: sort or reverse a list of `2 .. difficulty + 3` digits:   prompt "sort:528="   solution "258"
 
-Every problem belongs to one split by a hash of its prompt text (`base.split_of`), so train and eval never
-overlap. Prompt i of a stream is drawn from `random.Random(f"{seed}:{split}:{i}")`: the stream is a pure
+Every problem belongs to one split by a hash of its canonical uid (`base.split_of`), so train and eval never
+overlap, not even by a commuted sum (`a+b` / `b+a`) or a permuted list to sort, which share a uid. Prompt i of a stream is drawn from `random.Random(f"{seed}:{split}:{i}")`: the stream is a pure
 function of (seed, split, i) and its cursor is just `i`.
 
     python -m minirl_async.tasks.synthetic arith 2      # print a few train prompts and solutions
@@ -94,9 +94,9 @@ class Arith:
     def generate(self, rng: random.Random, difficulty: int) -> Prompt:
         a, b = _number(rng, difficulty + 1), _number(rng, difficulty + 1)
         text = f"{a}+{b}="
-        return Prompt(
-            text=text, meta={"answer": str(a + b), "task": self.name}, solution=addition_solution(a, b), uid=text
-        )
+        # uid (and so the split) up to commutativity: "85+347=" and "347+85=" are one problem, never split
+        return Prompt(text=text, meta={"answer": str(a + b), "task": self.name}, solution=addition_solution(a, b),
+                      uid=f"{min(a, b)}+{max(a, b)}=")
 
 
 class ListOps:
@@ -107,7 +107,9 @@ class ListOps:
         op = rng.choice(("sort", "rev"))
         answer = "".join(sorted(items) if op == "sort" else items[::-1])
         text = f"{op}:{''.join(items)}="
-        return Prompt(text=text, meta={"answer": answer, "task": self.name}, solution=answer, uid=text)
+        # sorting any permutation of the same digits is one problem (same answer): one uid, one split
+        uid = f"sort:{answer}=" if op == "sort" else text
+        return Prompt(text=text, meta={"answer": answer, "task": self.name}, solution=answer, uid=uid)
 
 
 FAMILIES: dict[str, TaskFamily] = {"arith": Arith(), "list": ListOps()}

@@ -79,17 +79,19 @@ class Tokenizer:
         template (transformers), else `[bos] + text`."""
         if prompt.messages and self.chat_template:
             hf = self._hf_tokenizer()
-            if hf is not None:
-                # transformers 5 returns a BatchEncoding by default (list() of it would be its keys);
-                # return_dict=False asks for plain ids in 4.x and 5.x, the Mapping branch is a second guard.
-                out = hf.apply_chat_template(prompt.messages, tokenize=True, add_generation_prompt=True,
-                                             return_dict=False)
-                if isinstance(out, Mapping):
-                    out = out["input_ids"]
-                ids = out.tolist() if hasattr(out, "tolist") else list(out)
-                if ids and isinstance(ids[0], list):  # a batch of one conversation
-                    (ids,) = ids
-                return [int(i) for i in ids]
+            if hf is None:
+                raise ValueError("prompts with chat `messages` and a checkpoint chat template need transformers "
+                                 "to render it: pip install 'minirl-async[hf]'")
+            # transformers 5 returns a BatchEncoding by default (list() of it would be its keys);
+            # return_dict=False asks for plain ids in 4.x and 5.x, the Mapping branch is a second guard.
+            out = hf.apply_chat_template(prompt.messages, tokenize=True, add_generation_prompt=True,
+                                         return_dict=False, chat_template=self.chat_template)
+            if isinstance(out, Mapping):
+                out = out["input_ids"]
+            ids = out.tolist() if hasattr(out, "tolist") else list(out)
+            if ids and isinstance(ids[0], list):  # a batch of one conversation
+                (ids,) = ids
+            return [int(i) for i in ids]
         ids = self.encode(prompt.text)
         return [self.bos_id] + ids if self.bos_id is not None else ids
 
@@ -139,8 +141,21 @@ class Tokenizer:
         if "bos_token" not in conf and tk.token_to_id(BOS) is not None:
             bos = BOS
         pad = _token_name(conf.get("pad_token")) or (PAD if tk.token_to_id(PAD) is not None else None)
-        return cls(tk, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=conf.get("chat_template"),
+        return cls(tk, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=_chat_template(file.parent, conf),
                    folder=str(file.parent))
+
+
+def _chat_template(folder: Path, conf: dict[str, Any]) -> str | None:
+    """The folder's chat template wherever transformers put it: `chat_template.jinja` (transformers >= 4.43
+    saves it there), `chat_template.json`, or the `chat_template` of tokenizer_config.json (older saves)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    if (folder / "chat_template.json").is_file():
+        tpl = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+        if isinstance(tpl, str):
+            return tpl
+    tpl = conf.get("chat_template")
+    return tpl if isinstance(tpl, str) else None
 
 
 def load_tokenizer(cfg: Config, checkpoint: str | Path | None = None) -> Tokenizer:

@@ -193,3 +193,15 @@ def test_fp8_errors(saved) -> None:
     _edit_config(folder, quantization_config={"quant_method": "fp8", "weight_block_size": [4, 4]})
     with pytest.raises(ValueError, match=rf"{name}_scale_inv has shape \(3, 3\), expected \(5, 6\) \(block 4\)"):
         load_hf(folder)
+
+
+def test_corrupt_file_and_scale_of_a_1d_weight_name_the_file_and_key(saved) -> None:
+    _, _, folder = saved
+    _edit_config(folder, quantization_config={"quant_method": "fp8", "weight_block_size": [8, 8]})
+    _edit_tensors(folder, lambda t: t.update({"model.norm.weight_scale_inv": torch.ones(1, 1)}))
+    with pytest.raises(ValueError, match=r"unexpected key model\.norm\.weight_scale_inv .*only 2-D weights"):
+        load_hf(folder)
+    (shard,) = folder.glob("model*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:100])   # truncated
+    with pytest.raises(ValueError, match=rf"{shard.name}: not a readable safetensors file"):
+        load_hf(folder)

@@ -275,3 +275,5 @@ def test_model_config_layout_and_conversions() -> None:
         ModelConfig.from_hf_dict({**cfg.to_hf_dict(), "model_type": "llama"})
     with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
         ModelConfig.from_hf_dict({**cfg.to_hf_dict(), "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="rope type 'linear' is not supported"):   # the older "type" spelling
+        ModelConfig.from_hf_dict({**cfg.to_hf_dict(), "rope_scaling": {"type": "linear", "factor": 2.0}})

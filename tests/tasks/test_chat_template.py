@@ -37,3 +37,21 @@ def test_message_prompt_goes_through_the_checkpoint_chat_template(tmp_path: Path
         + [tok.bos_id] + char.encode("assistant:")
     # A prompt without messages keeps the plain [bos] + text encoding.
     assert tok.encode_prompt(Prompt(text="12+3=")) == [tok.bos_id] + char.encode("12+3=")
+
+
+@pytest.mark.parametrize("where", ["jinja", "json"])
+def test_template_in_its_own_file_is_found(tmp_path: Path, where: str) -> None:
+    # transformers >= 4.43 saves the template as chat_template.jinja (older: chat_template.json or
+    # tokenizer_config.json); a template missed there would silently train on the plain prompt format
+    import json
+
+    char = build_char_tokenizer()
+    char.save(tmp_path)   # no template in tokenizer_config.json
+    if where == "jinja":
+        (tmp_path / "chat_template.jinja").write_text(TEMPLATE)
+    else:
+        (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    tok = Tokenizer.from_folder(tmp_path)
+    assert tok.chat_template == TEMPLATE
+    ids = tok.encode_prompt(Prompt(text="1+1=", messages=[{"role": "user", "content": "1+1="}]))
+    assert tok.decode(ids, skip_special_tokens=False) == "<bos>user:1+1=\n<bos>assistant:"

@@ -65,6 +65,10 @@ def test_cycles_epochs_and_resumes_from_offset(tmp_path: Path) -> None:
     again = JsonlSource(f)
     again.load_state_dict(state)
     assert take(again, 5) == expected
+    # a byte offset means nothing in another file: refused, not resumed mid-line
+    other = _write(tmp_path / "other.jsonl", [json.dumps(o) for o in GOOD])
+    with pytest.raises(ValueError, match=r"prompt cursor is at byte \d+ of .*d\.jsonl, but data\.jsonl_path is .*other"):
+        JsonlSource(other).load_state_dict(state)
 
 
 def test_file_without_valid_line_is_an_error(tmp_path: Path) -> None:

@@ -65,3 +65,11 @@ def test_engine_and_plain_loop_agree_greedily(tmp_path: Path) -> None:
     assert eng["generator"].startswith("torch_fp8") and plain["generator"] == "plain_fp32"
     # Same fp32 weights, greedy: the same responses, hence the same accuracy and lengths.
     assert (eng["greedy_acc"], eng["greedy_len_mean"]) == (plain["greedy_acc"], plain["greedy_len_mean"])
+
+
+def test_accuracy_figures_count_partial_credit_as_a_miss():
+    from minirl_async.tasks.evaluate import accuracy
+
+    # 2 prompts x k=2: prompt 0 gets [0.5, 0.5] (partial credit only), prompt 1 gets [1.0, 0.0]
+    got = accuracy([1.0, 0.5], [0.5, 0.5, 1.0, 0.0], k=2)
+    assert got == {"greedy_acc": 0.5, "pass@1": 0.25, "pass@2": 0.5, "reward_mean": 0.5}

@@ -3,6 +3,7 @@ solution graded correct by its own grader while wrong answers are graded wrong."
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -55,6 +56,25 @@ def test_train_and_eval_never_overlap(task: str, difficulty: int) -> None:
     assert {p.uid for p in train}.isdisjoint({p.uid for p in held})
     assert all(split_of(p.uid) == "train" for p in train)
     assert all(split_of(p.uid) == "eval" for p in held)
+
+
+def test_no_commuted_or_permuted_twin_of_an_eval_problem_is_trained_on() -> None:
+    # the same problem written another way (b+a for a+b; another order of the digits to sort) shares the
+    # answer: it must fall in the same split as its twin, or eval measures memorisation
+    train = take(_src("arith,list", 1), 6000)
+    held = take(_src("arith,list", 1, split="eval"), 600)
+    train_texts = {p.text for p in train}
+
+    def twins(p):
+        if p.meta["task"] == "arith":
+            a, b = p.text[:-1].split("+")
+            return {f"{b}+{a}="}
+        op, digits = p.text[:-1].split(":")
+        return {f"sort:{''.join(q)}=" for q in itertools.permutations(digits)} if op == "sort" else set()
+
+    leaks = [p.text for p in held if twins(p) & train_texts]
+    assert not leaks, leaks[:5]
+    assert sum(1 for p in held if twins(p) - {p.text}) > 100   # the check had twins to look for
 
 
 def test_split_partition_covers_a_whole_small_space() -> None:
