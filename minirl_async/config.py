@@ -101,6 +101,12 @@ class Config(_Section):
         if owned:
             raise ValueError(f"sampler.sglang.extra_args sets {owned}: use sampler.sglang.{owned[0]} instead (the "
                              "deploy scripts and the folder check read it from there)")
+        sp = self.sampler
+        if sp.engine == "sglang" and (sp.top_p < 1 or sp.top_k > 0):
+            raise ValueError(f"sampler.engine = 'sglang' with sampler.top_p = {sp.top_p}, sampler.top_k = {sp.top_k}: "
+                             "SGLang reports untruncated log-probs, so the train-inference IS weight would be off "
+                             "by the truncated mass; set top_p = 1 and top_k = 0, or use sampler.engine = "
+                             "'torch_fp8' (records the log-prob of the truncated distribution)")
         if self.staleness.routing_replay == "r3" and not self.sampler.capture_routes:
             raise ValueError("staleness.routing_replay = 'r3' but sampler.capture_routes = false: R3 replays the "
                              "sampler's routes; capture them, or use 'auto' (R2 when routes are missing) or 'r2'")

@@ -96,9 +96,10 @@ class SamplerSection(_Section):
     temperature: float = Field(1.0, ge=0)
     """Sampling temperature (the learner applies the same one to its logits)."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling mass."""
+    """Nucleus sampling mass. The embedded engine records log-probs of the truncated distribution it
+    samples from; the sglang engine refuses top_p < 1 (SGLang reports untruncated log-probs)."""
     top_k: int = Field(0, ge=0)
-    """Top-k sampling (0 = off)."""
+    """Top-k sampling (0 = off); like top_p, refused with the sglang engine."""
     max_new_tokens: int = Field(64, ge=1)
     """Longest response."""
     max_context: int = Field(0, ge=0)

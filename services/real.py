@@ -29,6 +29,24 @@ def _np(t: torch.Tensor, dtype: Any) -> np.ndarray:
     return t.detach().cpu().numpy().astype(dtype, copy=False)
 
 
+def check_weight_format(ws: WeightSet, *, fp8: bool, fp8_block: int) -> None:
+    """Refuse (WeightUpdateError) a WeightSet whose FP8 format differs from the engine's: FP8 with block
+    `fp8_block` for an FP8 sampler, plain tensors otherwise. The engines check scale SHAPES against their own
+    block, but those coincide across blocks for small tensors (a 64x64 weight has a 1x1 scale with block 64
+    or 128), and the weights would be dequantised with the wrong block; only the wire's `fp8_block` says."""
+    from minirl_async.engine.base import WeightUpdateError
+
+    def fmt(is_fp8: bool, block: int) -> str:
+        return f"block-FP8 with block {block}" if is_fp8 else "unquantised"
+
+    if (bool(ws.fp8), int(ws.fp8_block) if ws.fp8 else 0) != (fp8, fp8_block if fp8 else 0):
+        raise WeightUpdateError(
+            f"weight update v{ws.version} refused, old weights kept: it is {fmt(ws.fp8, ws.fp8_block)} but this "
+            f"sampler expects {fmt(fp8, fp8_block)} (sampler.fp8 = {str(fp8).lower()}, model.fp8_block_size = "
+            f"{fp8_block}); the learner and the samplers must run with the same sampler.fp8 and "
+            "model.fp8_block_size")
+
+
 class RealEngine:
     """The configured engine (torch_fp8 or sglang) behind the sampler service's interface."""
 
@@ -49,6 +67,8 @@ class RealEngine:
         return int(self.engine.version)
 
     def update_weights(self, ws: WeightSet) -> None:
+        """Raises WeightUpdateError (old weights kept) for a set whose FP8 format is not this sampler's."""
+        check_weight_format(ws, fp8=self.cfg.sampler.fp8, fp8_block=self.cfg.model.fp8_block_size)
         self.engine.update_weights(ws.version, ws.tensors)
 
     def reset(self) -> None:

@@ -56,6 +56,7 @@ from minirl_async.services.common import (
 from minirl_async.services.compute import make_engine
 
 from minirl_async.config import Config
+from minirl_async.engine.base import WeightUpdateError
 
 REQUEST_TIMEOUT_S = 2.0  # re-send a WorkRequest / WeightsRequest that got no answer (learner restarting)
 
@@ -78,6 +79,7 @@ class SamplerService:
         self.generating = False
         self.new_weights = asyncio.Event()
         self.duplicate_chunks = 0
+        self.refused_updates = 0  # complete updates the engine refused (bad tensors, format mismatch)
         self.last_chunk_at = 0.0  # monotonic time of the last weight chunk (a stream in progress)
 
     @property
@@ -120,7 +122,16 @@ class SamplerService:
         if ws is None or ws.version <= self.version:
             return
         t0 = time.monotonic()
-        await asyncio.to_thread(self.engine.update_weights, ws)
+        try:
+            await asyncio.to_thread(self.engine.update_weights, ws)
+        except WeightUpdateError as e:
+            # The engine kept its old weights. Keep serving them: the learner backs this sampler off once
+            # they are too old for the staleness bound, so a sampler that cannot take updates idles instead
+            # of producing stale work, and the refusal is in the log (and in health()).
+            self.refused_updates += 1
+            self.log.error("weights v%d refused (%d so far), still serving v%d: %s", ws.version,
+                           self.refused_updates, self.version, e)
+            return
         self.log.info("applied weights v%d in %.3fs", ws.version, time.monotonic() - t0)
 
     async def handle_rollback(self, dealer: zmq.asyncio.Socket) -> None:

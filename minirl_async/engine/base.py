@@ -63,7 +63,11 @@ class SamplingParams:
     n: int = 1
     """Samples drawn for this prompt."""
     seed: int | None = None
-    """Seeded requests are reproducible whatever else is in the batch; sample j uses seed + j."""
+    """Sample j draws its uniforms from its own stream seeded with seed + j, so nothing random depends on the
+    batch. The tokens are exactly reproducible whatever else is in the batch only when the logits are: in
+    float64 (tested). In bf16/fp32 the kernels' rounding depends on the batch shape (logprobs move by ~1e-2
+    in bf16), which can flip a token whose uniform falls near a CDF boundary, after which the sample
+    diverges; the same batch on the same engine reproduces exactly."""
 
     def check(self) -> None:
         """Raise ValueError naming the bad parameter and its valid range."""
@@ -123,8 +127,11 @@ class Rollout:
     response_ids: torch.Tensor
     """int64 `[R]` (includes the stop token when finish_reason is 'stop')."""
     logprobs: torch.Tensor
-    """float32 `[R]`: log softmax(logits / T)[token] under the sampler's weights, before top-p/top-k
-    truncation (the quantity the learner recomputes; T = 1 when greedy)."""
+    """float32 `[R]`: log-probability of each token under the distribution it was sampled from, the
+    sampler's `mu` (ALGORITHM.md section 3): `log softmax(logits / T)[token]` under the sampler's weights,
+    minus the log of the kept mass when top-p/top-k truncated the row (`log q`, q = p / Z renormalised over
+    the kept tokens); T = 1 and no truncation when greedy. SGLang reports the untruncated `log p`, so the
+    config refuses sglang with top_p < 1 or top_k > 0."""
     versions: torch.Tensor
     """int64 `[R]`: weight version that produced each token."""
     routes: torch.Tensor | None

@@ -53,7 +53,12 @@ class PackedLayer:
 
 
 def pack_params(cfg: ModelConfig, params: dict[str, torch.Tensor]) -> tuple[Packed, dict[str, torch.Tensor]]:
-    """Packed weights and the model parameters re-expressed as views into them."""
+    """Packed weights and the model parameters re-expressed as views into them.
+
+    Takes ownership of `params`: tensors that need no packing (norms, embeddings, o_proj, lm_head, dense
+    MLPs) are used as given, the others become views of new packed tensors. Pass tensors nobody else holds,
+    i.e. `weights.prepare_update`'s result (which never shares memory with the caller's state), not a live
+    model's parameters: the engine would then change whenever that model does."""
     E, Fe, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
     out = dict(params)
     layers: list[PackedLayer] = []

@@ -11,9 +11,11 @@ How a batch runs (`generate`, blocking, one caller thread at a time; see base.py
   the next step); prefill each admitted distinct prompt once (right-padded batch, causal attention) and
   copy its KV rows and prompt routes to the request's other samples; then one decode step for every active
   slot, with a per-row position and an attention mask over the slot's own written positions.
-- Sampling: `sampling.sample_tokens` with one uniform per row from the sequence's own seeded stream, so a
-  seeded request is reproducible whatever shares its batch. The recorded logprob is
-  `log_softmax(logits / T)[token]` (T = 1 when greedy), the quantity the learner recomputes.
+- Sampling: `sampling.sample_tokens` with one uniform per row from the sequence's own seeded stream, so
+  nothing random depends on what shares the batch (tokens are exactly batch-independent in float64; in bf16
+  the batch shape changes kernel rounding, see `SamplingParams.seed`). The recorded logprob is the log-prob
+  under the distribution sampled from: `log_softmax(logits / T)[token]` (T = 1 when greedy) minus log of
+  the kept mass when top-p/top-k truncate (sampling.py).
 - Routes: prefill runs the model in RECORD mode, decode (fast_decode.py) returns its own top-k indices (the
   same experts, tested against RECORD in float64); both are written into a per-slot buffer at the tokens'
   positions, so a finished sequence's routes are rows `0 .. P+R-2` (SGLang layout). `capture_routes=False`
@@ -123,7 +125,7 @@ class TorchFP8Engine:
         self._last = torch.zeros(S, dtype=torch.long, device=dev)     # token to feed next
         self._pos = torch.zeros(S, dtype=torch.long, device=dev)      # its position
         self._temp = torch.ones(S, dtype=torch.float32, device=dev)
-        self._top_p = torch.ones(S, dtype=torch.float32, device=dev)
+        self._top_p = torch.ones(S, dtype=torch.float64, device=dev)     # float64: top_p=0.9 stays 0.9
         self._top_k = torch.zeros(S, dtype=torch.long, device=dev)
         self._tok = torch.zeros(S, C, dtype=torch.long)
         self._logp = torch.zeros(S, C, dtype=torch.float32)

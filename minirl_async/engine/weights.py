@@ -7,7 +7,9 @@ FP8). `prepare_update` checks the whole set before anything is touched: missing,
 wrongly typed or non-finite tensors (FP8 NaN bytes included, and weights that overflow once dequantised
 into the compute dtype) raise `WeightUpdateError` listing the offenders, and the engine keeps its previous
 weights. The result is a dict of the model's parameter tensors (experts stacked), in the
-compute dtype, ready to be swapped in.
+compute dtype, ready to be swapped in. It never shares memory with the caller's tensors (a cast to the same
+dtype and device, or `.contiguous()` of a contiguous tensor, returns its input: such results are cloned), so
+changing the caller's model after an update does not change what the engine serves.
 
 Why dequantise once per update (a cached copy in the compute dtype) rather than per matmul: on CPU there
 is no FP8 GEMM, so per-matmul dequantisation costs a full pass over every weight per decode step, which
@@ -104,6 +106,11 @@ def check_update(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], block: i
                                 + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""))
 
 
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` lives in `b`'s memory (same storage: `b` itself or any view of it)."""
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _fp8_has_nan(w_fp8: torch.Tensor) -> bool:
     """float8_e4m3fn has no inf; NaN is every byte with all exponent and mantissa bits set (0x7F, 0xFF)."""
     return bool(((w_fp8.view(torch.uint8) & 0x7F) == 0x7F).any())
@@ -134,10 +141,13 @@ def prepare_update(cfg: ModelConfig, named_tensors: NamedTensors, *, fp8: bool, 
             overflow.append(name)
             continue
         m = _EXPERT_RE.match(name)
-        if m:
+        if m:   # stacked below (a copy)
             experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = w
         else:
-            out[name] = w.contiguous()
+            w = w.contiguous()
+            if _shares_storage(w, t):   # a no-op cast / contiguous returned the caller's tensor (or a view)
+                w = w.clone()
+            out[name] = w
     if overflow:
         raise WeightUpdateError(f"weight update refused, old weights kept: non-finite values after dequantising "
                                 f"to {dtype} in {len(overflow)} tensor(s): {_list(overflow)}")

@@ -92,6 +92,8 @@ def test_malformed_override() -> None:
         (["algo.icepop_low=6"], r"icepop_low"),
         (["staleness.routing_replay=r3", "sampler.capture_routes=false"], r"R3 replays the sampler's routes"),
         (['sampler.sglang.extra_args={tp_size = 2}'], r"use sampler\.sglang\.tp_size instead"),
+        (["sampler.engine=sglang", "sampler.top_p=0.9"], r"SGLang reports untruncated log-probs.*truncated mass"),
+        (["sampler.engine=sglang", "sampler.top_k=20"], r"SGLang reports untruncated log-probs.*truncated mass"),
     ],
 )
 def test_cross_field_checks(overrides: list[str], pattern: str) -> None:
