@@ -12,8 +12,23 @@ builds arrays with `numpy.frombuffer` over the frame buffers, so decoded arrays 
 
 Decoding is strict: everything but a well-formed message of this protocol version raises ProtocolError
 naming what is wrong: not msgpack, header not a map, wrong proto, unknown type, missing or extra field,
-wrong field type, dtype off the whitelist, shape/frame-length mismatch, unreferenced or reused frame,
-non-finite values where finite is required, total size over `max_bytes`, or a broken message invariant.
+wrong field type, dtype off the whitelist, a shape that is not a wire shape (`messages.check_shape`: at
+most 8 dimensions, each below 2**31), shape/frame-length mismatch, unreferenced or reused frame,
+non-finite values where finite is required, total size over `max_bytes`, a header over its own limits
+(below), or a broken message invariant. Nothing else escapes `decode`.
+
+Header limits. Arrays travel as frames, so a header holds only scalars, ids, descriptors and task
+metadata; the largest realistic ones are ~300 KB and ~50k items (a WorkGrant of 512 groups whose meta
+carries 20 test cases each; a ScoredGroup of G=1024 responses with routes). Unpacking msgpack is what
+costs memory: a one-byte empty map becomes a ~64-byte Python dict, so an unchecked 20 MB header of empty
+maps grew a receiver by 1.4 GB. Frame 0 is therefore refused before unpacking when it is over
+`MAX_HEADER_BYTES` (16 MiB), and while unpacking when it holds more than `MAX_HEADER_ITEMS` (2**20) items
+(containers plus their elements; each map or array is counted as it completes, and none may be longer
+than that either). Measured on this machine, the worst headers tried (15 MiB of empty maps, of 2-byte
+strings, of maps of them) now cost at most ~75 MB before they are refused, where 16 MiB of empty maps
+unpacked unchecked cost 1.1 GB. Task metadata (`meta`) counts against these limits: reference a large
+test suite by name instead of inlining it. `encode` enforces the same limits, so the sender learns of an
+oversized header instead of its peer dropping it (and the learner re-issuing it) forever.
 
     frames = encode(msg); sock.send_multipart(frames, copy=False)
     msg = decode(sock.recv_multipart(copy=False), max_bytes=cfg.network.max_msg_bytes)
@@ -37,6 +52,7 @@ from minirl_async.proto.messages import (
     Message,
     ProtocolError,
     _Message,
+    check_shape,
 )
 
 DTYPE_WHITELIST = frozenset(
@@ -45,6 +61,10 @@ DTYPE_WHITELIST = frozenset(
 """Array dtypes allowed on the wire (each field narrows this further)."""
 
 DEFAULT_MAX_BYTES = 1 << 30
+MAX_HEADER_BYTES = 16 << 20
+"""Largest frame 0 (msgpack header) accepted, whatever `max_bytes` allows (see the module docstring)."""
+MAX_HEADER_ITEMS = 1 << 20
+"""Most msgpack items in one header: maps and arrays plus their entries and elements."""
 _DESC_KEYS = frozenset({"name", "dtype", "shape", "frame"})
 _MAX_JSON_DEPTH = 32
 
@@ -87,7 +107,10 @@ def encode(msg: Message) -> list[Any]:
     frames: list[Any] = [b""]
     header: dict[str, Any] = {"proto": PROTO_VERSION, "type": msg.TYPE}
     header.update(_encode_fields(msg, frames, ""))
-    frames[0] = msgpack.packb(header, use_bin_type=True)
+    raw = msgpack.packb(header, use_bin_type=True)
+    if len(raw) > MAX_HEADER_ITEMS:  # a header of fewer bytes cannot hold more items: check only big ones
+        _unpack_header(raw)
+    frames[0] = raw
     return frames
 
 
@@ -103,11 +126,13 @@ def _encode_fields(obj: Any, frames: list[Any], prefix: str) -> dict[str, Any]:
             a = np.ascontiguousarray(value)
             if not a.dtype.isnative:
                 a = a.astype(a.dtype.newbyteorder("="))
-            out[name] = {"name": path, "dtype": a.dtype.name, "shape": list(a.shape), "frame": len(frames)}
+            shape = check_shape(list(a.shape), a.dtype.itemsize, path)
+            out[name] = {"name": path, "dtype": a.dtype.name, "shape": shape, "frame": len(frames)}
             frames.append(a)
         elif kind == "blob":
             mv = memoryview(value).cast("B")
-            out[name] = {"name": path, "dtype": "uint8", "shape": [mv.nbytes], "frame": len(frames)}
+            shape = check_shape([mv.nbytes], 1, path)
+            out[name] = {"name": path, "dtype": "uint8", "shape": shape, "frame": len(frames)}
             frames.append(value)
         elif kind == "list":
             out[name] = [_encode_fields(item, frames, f"{path}.{i}.") for i, item in enumerate(value)]
@@ -137,6 +162,31 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} is not allowed")
 
 
+def _unpack_header(buf: Buffer) -> Any:
+    """Frame 0 unpacked within MAX_HEADER_BYTES and MAX_HEADER_ITEMS, or ProtocolError."""
+    nbytes = memoryview(buf).nbytes
+    if nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header (frame 0) of {nbytes} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    budget = MAX_HEADER_ITEMS
+
+    def count(container: Any) -> Any:  # called as each map / array completes (object_hook, list_hook)
+        nonlocal budget
+        budget -= 1 + len(container)
+        if budget < 0:
+            raise ProtocolError(f"header (frame 0) holds more than {MAX_HEADER_ITEMS} msgpack items")
+        return container
+
+    try:
+        return msgpack.unpackb(buf, raw=False, strict_map_key=True, ext_hook=_no_ext, timestamp=0,
+                               object_hook=count, list_hook=count, max_str_len=MAX_HEADER_BYTES,
+                               max_bin_len=MAX_HEADER_BYTES, max_ext_len=MAX_HEADER_BYTES,
+                               max_array_len=MAX_HEADER_ITEMS, max_map_len=MAX_HEADER_ITEMS)
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack raises many types (ExtraData, FormatError, StackError, ValueError...)
+        raise ProtocolError(f"frame 0 is not a valid msgpack header: {type(e).__name__}: {e}") from None
+
+
 def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Parse frames into a validated message, or raise ProtocolError saying what is wrong."""
     if not isinstance(frames, Sequence):
@@ -147,12 +197,7 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Mess
     total = sum(b.nbytes for b in bufs)
     if total > max_bytes:
         raise ProtocolError(f"message of {total} bytes exceeds the limit of {max_bytes} bytes (max_msg_bytes)")
-    try:
-        header = msgpack.unpackb(bufs[0], raw=False, strict_map_key=True, ext_hook=_no_ext, timestamp=0)
-    except ProtocolError:
-        raise
-    except Exception as e:  # msgpack raises many types (ExtraData, FormatError, StackError, ValueError...)
-        raise ProtocolError(f"frame 0 is not a valid msgpack header: {type(e).__name__}: {e}") from None
+    header = _unpack_header(bufs[0])
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     proto = header.get("proto")
@@ -260,8 +305,7 @@ def _frame_of(desc: Any, path: str, bufs: list[memoryview], used: set[int]) -> t
         raise ProtocolError(f"{path}: descriptor names {name!r:.100}")
     if not isinstance(dtype, str) or dtype not in DTYPE_WHITELIST:
         raise ProtocolError(f"{path}: dtype {dtype!r:.50} is not on the whitelist {sorted(DTYPE_WHITELIST)}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise ProtocolError(f"{path}: shape must be a list of non-negative ints, got {shape!r:.100}")
+    check_shape(shape, np.dtype(dtype).itemsize, path)
     if type(frame) is not int or not 1 <= frame < len(bufs):
         raise ProtocolError(f"{path}: frame index {frame!r:.50} is outside 1..{len(bufs) - 1}")
     if frame in used:
@@ -283,7 +327,10 @@ def _decode_tensor(desc: Any, path: str, meta: Any, bufs: list[memoryview], used
         raise ProtocolError(f"{path}: dtype {dtype} not allowed here; expected one of {list(meta['dtypes'])}")
     if len(shape) != meta["ndim"]:
         raise ProtocolError(f"{path}: expected {meta['ndim']} dimensions, got shape {shape}")
-    a = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    try:  # check_shape made this safe; a numpy error must still not escape as anything but ProtocolError
+        a = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    except (ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise ProtocolError(f"{path}: cannot view frame as {dtype} {shape}: {str(e).splitlines()[0]:.200}") from None
     if meta["finite"] and not np.isfinite(a).all():
         raise ProtocolError(f"{path}: contains NaN or inf ({int((~np.isfinite(a)).sum())} values); must be finite")
     return a

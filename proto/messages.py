@@ -22,8 +22,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTO_VERSION = 1
-"""Bumped on any change of a message's fields or meaning; peers with another number are refused."""
+PROTO_VERSION = 2
+"""Bumped on any change of a message's fields or meaning; peers with another number are refused.
+2: WeightUpdate.publish_id, and a chunk's blob metadata repeats its header (see WeightUpdate)."""
 
 FINISH_REASONS = ("stop", "length", "abort")
 CHECKSUM_ALGOS = ("xxh3_64", "crc32")
@@ -32,6 +33,28 @@ Buffer = bytes | bytearray | memoryview
 
 class ProtocolError(ValueError):
     """A message that breaks the protocol; the receiving service logs it, counts it, drops it, goes on."""
+
+
+MAX_NDIM = 8
+"""Most dimensions an array (a message field, a blob, a tensor of a weight chunk) may have on the wire."""
+MAX_DIM = 1 << 31
+"""Every dimension of an array on the wire is below this (so is a blob's byte length)."""
+
+
+def check_shape(shape: Any, itemsize: int, what: str) -> list[int]:
+    """`shape` if it is a valid wire shape, else ProtocolError: a list of at most MAX_NDIM ints, each in
+    [0, MAX_DIM), whose extent (the product with zero dimensions counted as 1) times `itemsize` is below
+    2**63. The last rule is what numpy and torch need to compute strides: without it an empty array of
+    shape [0, 2**62, 4] passes a byte-size check (0 bytes) and then fails inside numpy or torch."""
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise ProtocolError(f"{what}: shape must be a list of ints, got {shape!r:.100}")
+    if len(shape) > MAX_NDIM:
+        raise ProtocolError(f"{what}: shape has {len(shape)} dimensions, at most {MAX_NDIM} are allowed")
+    if not all(0 <= d < MAX_DIM for d in shape):
+        raise ProtocolError(f"{what}: every dimension must be in [0, 2**31), got shape {shape!r:.100}")
+    if math.prod(max(d, 1) for d in shape) * itemsize >= 1 << 63:
+        raise ProtocolError(f"{what}: shape {shape} is too large to index (even with a zero dimension)")
+    return shape
 
 
 def tensor_field(dtypes: tuple[str, ...], ndim: int, finite: bool = False, optional: bool = False) -> Any:
@@ -307,10 +330,23 @@ class WeightUpdate(_Message):
     frame) whose `checksum_algo` checksum is `checksum`; the `num_chunks` blobs of one version hold
     `num_tensors` distinct tensors in total. With `fp8`, linear weights are float8_e4m3fn with a float32
     `<name>_scale_inv` per `fp8_block` x `fp8_block` tile; otherwise `fp8_block` is 0.
+
+    `publish_id` (unsigned 64-bit) names one publish: the sender draws it at random from the OS (never
+    from a seeded RNG, so a learner restarted from a checkpoint cannot draw the same id again) for every
+    publish; all chunks of that publish, and every resend of it, carry the same id. Chunks of one version
+    with different ids come from different publishes (a learner that died mid-publish and published that
+    version again) and are never assembled together: a receiver that sees another id for the version it
+    is assembling starts that version over.
+
+    The blob's safetensors `__metadata__` repeats the header (`weights.chunk_metadata`: "version",
+    "publish_id" as 16 hex digits, "chunk" as "i/n", "num_tensors", "fp8_block"), so the checksum covers
+    those fields too: a receiver refuses a chunk whose header disagrees with its blob. The only other
+    metadata key allowed is `weights.SPLIT_KEY` (row pieces of a tensor larger than a chunk).
     """
 
     TYPE: ClassVar[str] = "WeightUpdate"
     version: int
+    publish_id: int
     chunk_index: int
     num_chunks: int
     num_tensors: int
@@ -322,6 +358,7 @@ class WeightUpdate(_Message):
 
     def validate(self) -> None:
         _check(self.version >= 0, f"version must be >= 0, got {self.version}")
+        _check(0 <= self.publish_id < 1 << 64, "publish_id must be an unsigned 64-bit integer")
         _check(0 <= self.chunk_index < self.num_chunks,
                f"chunk_index {self.chunk_index} is outside 0..num_chunks-1 ({self.num_chunks})")
         _check(self.num_tensors >= 1, f"num_tensors must be >= 1, got {self.num_tensors}")

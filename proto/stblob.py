@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from minirl_async.proto.messages import ProtocolError
+from minirl_async.proto.messages import ProtocolError, check_shape
 
 try:  # optional fast hash; crc32 is the portable fallback
     import xxhash
@@ -74,6 +74,7 @@ def blob_header(entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
         if dtype not in _ST_NAMES:
             raise ValueError(f"tensor {name}: dtype {dtype} cannot go into a weight chunk; use one of "
                              f"{sorted(str(d) for d in _ST_NAMES)}")
+        check_shape(list(shape), dtype.itemsize, f"tensor {name}")  # what read_blob accepts
         n = tensor_nbytes(shape, dtype)
         header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
         offsets.append((pos, pos + n))
@@ -128,7 +129,8 @@ def write_blob(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, 
 
 
 def read_blob(buf: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (viewing `buf`'s memory, no copy) and metadata of a safetensors blob, strictly checked."""
+    """Tensors (viewing `buf`'s memory, no copy) and metadata of a safetensors blob, strictly checked:
+    anything malformed (shapes included: `messages.check_shape`) raises ProtocolError and nothing else."""
     mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
     size = mv.nbytes
     if size < 8:
@@ -155,8 +157,7 @@ def read_blob(buf: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise ProtocolError(f"tensor {name!r:.100}: dtype {info['dtype']!r:.30} is not on the whitelist "
                                 f"{sorted(ST_DTYPES)}")
         shape, offs = info["shape"], info["data_offsets"]
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ProtocolError(f"tensor {name!r:.100}: bad shape {shape!r:.100}")
+        check_shape(shape, dtype.itemsize, f"tensor {name!r:.100}")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
                 or not 0 <= offs[0] <= offs[1] <= data_len):
             raise ProtocolError(f"tensor {name!r:.100}: data_offsets {offs!r:.100} outside the {data_len}-byte data")
@@ -165,11 +166,15 @@ def read_blob(buf: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                                 f"{offs[1] - offs[0]} data bytes")
         spans.append((offs[0], offs[1], name))
         numel = math.prod(shape)
-        with warnings.catch_warnings():  # read-only buffers (bytes) warn; received zmq frames are writable
-            warnings.simplefilter("ignore", UserWarning)
-            t = (torch.frombuffer(mv, dtype=dtype, count=numel, offset=data_start + offs[0]) if numel
-                 else torch.empty(0, dtype=dtype))
-        out[name] = t.reshape(shape)
+        try:  # check_shape made this safe; a torch error must still not escape as anything but ProtocolError
+            with warnings.catch_warnings():  # read-only buffers (bytes) warn; received zmq frames are writable
+                warnings.simplefilter("ignore", UserWarning)
+                t = (torch.frombuffer(mv, dtype=dtype, count=numel, offset=data_start + offs[0]) if numel
+                     else torch.empty(0, dtype=dtype))
+            out[name] = t.reshape(shape)
+        except (ValueError, TypeError, RuntimeError, OverflowError, MemoryError) as e:
+            raise ProtocolError(f"tensor {name!r:.100}: cannot view {shape} of {info['dtype']}: "
+                                f"{str(e).splitlines()[0]:.200}") from None
     pos = 0
     for begin, end, name in sorted(spans):
         if begin != pos:

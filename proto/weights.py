@@ -7,8 +7,12 @@ at most one chunk beyond the live weights, never a second full copy. A tensor la
 embedding, lm_head) is sent as row pieces `name[begin:end]` listed in the chunk's safetensors metadata
 (`SPLIT_KEY`), so chunks, zmq frames and the receiver's buffers stay bounded by `chunk_bytes`.
 
-Late joiners: `WeightSender.resend()` streams the last published version again. Two ways, chosen by
-`keep_blobs`:
+Every publish draws a random 64-bit `publish_id` (from the OS, not a seeded RNG) that all its chunks carry,
+resends included; each blob's safetensors metadata repeats the chunk's header (`chunk_metadata`), so the
+checksum covers version, publish id and chunk index as well as the tensors.
+
+Late joiners: `WeightSender.resend()` streams the last published version again, under its publish id.
+Two ways, chosen by `keep_blobs`:
 - `keep_blobs=False` (default): re-serialise from the live state. Costs no memory, but the live state
   must still BE that version, so the learner answers WeightsRequests between steps (after publishing,
   before the next optimizer update). Each re-serialised chunk's checksum is compared with the published
@@ -17,10 +21,15 @@ Late joiners: `WeightSender.resend()` streams the last published version again. 
   sampler's precision: ~1 byte/param with FP8; two while the next version is being published) and resend
   them at any time, even mid-step.
 
-Receiver (sampler): `WeightReceiver.feed(msg)` verifies each chunk's checksum and blob as it arrives (the
-next chunk is received meanwhile by zmq's I/O thread), refuses chunks of versions older than the one it
-is assembling or has applied, and returns a `WeightSet` only when all `n` chunks of a version are in and
-the tensor set is complete (and equals `expected_names` if given). The tensors view the received frames.
+Receiver (sampler): `WeightReceiver.feed(msg)` verifies each chunk's checksum, blob and header-vs-blob
+metadata as it arrives (the next chunk is received meanwhile by zmq's I/O thread) and only then lets it
+touch the assembly, so a corrupted chunk (say, a header claiming version 10**9) is dropped without
+disturbing the version being assembled. It refuses chunks of versions older than the one it is assembling
+or has applied; a chunk of a newer version, or of the same version from another publish (the learner died
+mid-publish and published that version again from its checkpoint), starts the assembly over (counted in
+`abandoned`): one version is never assembled from two publishes. It returns a `WeightSet` only when all
+`n` chunks of a version are in and the tensor set is complete (and equals `expected_names` if given). The
+tensors view the received frames.
 
     sender = WeightSender(chunk_bytes=16 << 20, fp8_block=128)
     for msg in sender.publish(version, lambda: iter_hf_state(model)): sock.send_multipart(encode(msg), copy=False)
@@ -30,6 +39,7 @@ the tensor set is complete (and equals `expected_names` if given). The tensors v
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -47,6 +57,20 @@ from minirl_async.proto.stblob import (
 StateFn = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 SCALE_SUFFIX = "_scale_inv"  # same as minirl_async.models.fp8.SCALE_SUFFIX (HF FP8 checkpoint naming)
 SPLIT_KEY = "minirl.split"  # chunk metadata: {piece name: [tensor name, row begin, row end, total rows]}
+IDENTITY_KEYS = ("version", "publish_id", "chunk", "num_tensors", "fp8_block")
+
+
+def new_publish_id() -> int:
+    """A random unsigned 64-bit publish id from the OS. Never from `random`/torch: a learner restarted from
+    a checkpoint restores those RNG states and would draw the id of the publish it died in."""
+    return int.from_bytes(os.urandom(8), "little")
+
+
+def chunk_metadata(version: int, publish_id: int, chunk_index: int, num_chunks: int, num_tensors: int,
+                   fp8_block: int) -> dict[str, str]:
+    """The safetensors metadata that binds a chunk's blob (and so its checksum) to its WeightUpdate header."""
+    return {"version": str(version), "publish_id": f"{publish_id:016x}", "chunk": f"{chunk_index}/{num_chunks}",
+            "num_tensors": str(num_tensors), "fp8_block": str(fp8_block)}
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,7 @@ class _Piece:
 @dataclass
 class _Plan:
     version: int
+    publish_id: int  # drawn once per publish; resends of this plan carry it too
     sources: list[TensorSpec]  # the state's tensors, in state_fn order
     buckets: list[list[_Piece]]  # what each chunk holds
     num_tensors: int  # whole tensors on the wire (a quantised weight counts twice: weight + scale)
@@ -183,7 +208,7 @@ class WeightSender:
                     size += piece.nbytes
         if num_tensors == 0:
             raise ValueError("cannot publish an empty state")
-        return _Plan(version, sources, buckets, num_tensors)
+        return _Plan(version, new_publish_id(), sources, buckets, num_tensors)
 
     # ------------------------------------------------------------ streaming
     def publish(self, version: int, state_fn: StateFn, specs: Iterable[TensorSpec] | None = None
@@ -207,7 +232,8 @@ class WeightSender:
         self._plan, self._state_fn = plan, state_fn
 
     def resend(self) -> Iterator[WeightUpdate]:
-        """The last published version's chunks again (from kept blobs, or re-serialised and verified)."""
+        """The last published version's chunks again, under its publish id (from kept blobs, or
+        re-serialised and verified)."""
         plan = self._plan
         if plan is None:
             raise ValueError("nothing published yet")
@@ -224,8 +250,8 @@ class WeightSender:
             yield msg
 
     def _message(self, plan: _Plan, index: int, blob: memoryview, csum: int) -> WeightUpdate:
-        return WeightUpdate(version=plan.version, chunk_index=index, num_chunks=len(plan.buckets),
-                            num_tensors=plan.num_tensors, blob=blob, checksum=csum,
+        return WeightUpdate(version=plan.version, publish_id=plan.publish_id, chunk_index=index,
+                            num_chunks=len(plan.buckets), num_tensors=plan.num_tensors, blob=blob, checksum=csum,
                             checksum_algo=self.checksum_algo, fp8=self.fp8_block > 0, fp8_block=self.fp8_block)
 
     def _serialise(self, plan: _Plan, state_fn: StateFn) -> Iterator[tuple[WeightUpdate, memoryview]]:
@@ -251,7 +277,8 @@ class WeightSender:
                     t = t[piece.rows[0]:piece.rows[1]]
                     splits[piece.name] = [piece.wire.name, piece.rows[0], piece.rows[1], piece.wire.shape[0]]
                 tensors.append((piece.name, t))
-            meta = {"version": str(plan.version), "chunk": f"{index}/{len(plan.buckets)}"}
+            meta = chunk_metadata(plan.version, plan.publish_id, index, len(plan.buckets), plan.num_tensors,
+                                  self.fp8_block)
             if splits:
                 meta[SPLIT_KEY] = json.dumps(splits)
             blob = write_blob(tensors, meta, self._pool)
@@ -277,14 +304,18 @@ class WeightReceiver:
     def __init__(self, expected_names: Collection[str] | None = None, version: int = -1):
         self.expected_names = frozenset(expected_names) if expected_names is not None else None
         self.version = version  # last complete version handed over (-1: none)
-        self.abandoned = 0  # versions given up because a newer one started
-        self._pending: WeightUpdate | None = None  # first chunk seen of the version being assembled
+        self.abandoned = 0  # assemblies given up because a newer version or another publish started
+        self._pending: WeightUpdate | None = None  # first chunk seen of the publish being assembled
         self._chunks: dict[int, dict[str, torch.Tensor]] = {}  # whole tensors of each chunk
         self._parts: dict[str, list[tuple[int, int, int, torch.Tensor]]] = {}  # row pieces of split tensors
 
     @property
     def pending_version(self) -> int | None:
         return self._pending.version if self._pending is not None else None
+
+    @property
+    def pending_publish_id(self) -> int | None:
+        return self._pending.publish_id if self._pending is not None else None
 
     def missing_chunks(self) -> list[int]:
         """Chunk indices still missing for the version being assembled (re-request after a timeout)."""
@@ -293,39 +324,61 @@ class WeightReceiver:
         return [i for i in range(self._pending.num_chunks) if i not in self._chunks]
 
     def feed(self, msg: WeightUpdate) -> WeightSet | None:
-        """Take one chunk; the complete update once its last chunk arrives. Bad chunks raise ProtocolError."""
-        where = f"weight chunk {msg.chunk_index}/{msg.num_chunks} of version {msg.version}"
+        """Take one chunk; the complete update once its last chunk arrives. Bad chunks raise ProtocolError
+        and leave the assembly as it was (module docstring)."""
+        where = (f"weight chunk {msg.chunk_index}/{msg.num_chunks} of version {msg.version} "
+                 f"(publish {msg.publish_id:016x})")
         if msg.version <= self.version:
             raise ProtocolError(f"{where}: version {self.version} is already applied; dropping the older chunk")
         p = self._pending
         if p is not None and msg.version < p.version:
             raise ProtocolError(f"{where}: interleaved with newer version {p.version} being assembled; dropped")
-        if p is not None and msg.version > p.version:
-            self.abandoned += 1
-            p = None
-        if p is None:
-            self._pending, self._chunks, self._parts, p = msg, {}, {}, msg
-        if (msg.num_chunks, msg.num_tensors, msg.fp8, msg.fp8_block) != (
-                p.num_chunks, p.num_tensors, p.fp8, p.fp8_block):
-            raise ProtocolError(f"{where}: num_chunks/num_tensors/fp8 disagree with the version's first chunk")
-        if msg.chunk_index in self._chunks:
-            raise ProtocolError(f"{where}: duplicate chunk")
+        # A newer version, or the same version from another publish, replaces the assembly; but only once
+        # the chunk has proved good: until then nothing below may change the receiver's state.
+        fresh = p is None or msg.version > p.version or msg.publish_id != p.publish_id
+        if p is not None and not fresh:
+            if (msg.num_chunks, msg.num_tensors, msg.fp8, msg.fp8_block) != (
+                    p.num_chunks, p.num_tensors, p.fp8, p.fp8_block):
+                raise ProtocolError(f"{where}: num_chunks/num_tensors/fp8 disagree with the publish's first chunk")
+            if msg.chunk_index in self._chunks:
+                raise ProtocolError(f"{where}: duplicate chunk")
         got = checksum(msg.blob, msg.checksum_algo)
         if got != msg.checksum:
             raise ProtocolError(f"{where}: {msg.checksum_algo} checksum mismatch (computed {got:#x}, "
                                 f"sent {msg.checksum:#x}); chunk dropped")
         tensors, meta = read_blob(msg.blob)
+        self._check_identity(msg, meta, where)
         pieces = self._split_pieces(tensors, meta, where)
-        for name in tensors:
-            if any(name in c for c in self._chunks.values()):
-                raise ProtocolError(f"{where}: tensor {name} already arrived in another chunk")
-        for name, begin, end, total, piece in pieces:  # checked first, stored only when the whole chunk is good
+        if not fresh:
+            for name in tensors:
+                if any(name in c for c in self._chunks.values()):
+                    raise ProtocolError(f"{where}: tensor {name} already arrived in another chunk")
+        # The chunk is good: from here on the state changes.
+        if fresh:
+            if p is not None:
+                self.abandoned += 1
+            self._pending, self._chunks, self._parts, p = msg, {}, {}, msg
+        assert p is not None
+        for name, begin, end, total, piece in pieces:
             del tensors[f"{name}[{begin}:{end}]"]
             self._parts.setdefault(name, []).append((begin, end, total, piece))
         self._chunks[msg.chunk_index] = tensors
         if len(self._chunks) < p.num_chunks:
             return None
         return self._complete(p, where)
+
+    @staticmethod
+    def _check_identity(msg: WeightUpdate, meta: dict[str, str], where: str) -> None:
+        """The blob's metadata (covered by the checksum) must repeat the header (which is not)."""
+        expected = chunk_metadata(msg.version, msg.publish_id, msg.chunk_index, msg.num_chunks, msg.num_tensors,
+                                  msg.fp8_block)
+        got = {k: meta.get(k) for k in IDENTITY_KEYS}
+        if got != expected:
+            raise ProtocolError(f"{where}: the header disagrees with the checksummed blob metadata "
+                                f"{ {k: v for k, v in got.items() if v != expected[k]}!r:.300}; chunk dropped")
+        extra = meta.keys() - {*IDENTITY_KEYS, SPLIT_KEY}
+        if extra:
+            raise ProtocolError(f"{where}: unexpected blob metadata key(s) {sorted(extra)!r:.200}")
 
     @staticmethod
     def _split_pieces(tensors: dict[str, torch.Tensor], meta: dict[str, str], where: str) -> list[tuple]:

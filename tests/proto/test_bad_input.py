@@ -8,9 +8,10 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from minirl_async.proto.codec import decode, encode
+from minirl_async.proto.codec import MAX_HEADER_BYTES, MAX_HEADER_ITEMS, decode, encode
 from minirl_async.proto.messages import PROTO_VERSION, ProtocolError, WeightUpdate
-from minirl_async.proto.weights import WeightReceiver, WeightSender
+from minirl_async.proto.stblob import checksum, read_blob
+from minirl_async.proto.weights import WeightReceiver, WeightSender, chunk_metadata
 
 
 def _frames(msg):
@@ -163,6 +164,134 @@ def test_oversize_message(rollout_frames):
         decode(rollout_frames, max_bytes=100)
 
 
+# Shapes whose element count is 0 (so an empty frame passes the byte-size check) but whose other dimensions
+# overflow what numpy / torch can index: numpy raised ValueError, torch TypeError, past the ProtocolError net.
+HUGE_EMPTY_SHAPES = [[0, 2**63, 4], [0, 2**64 - 1, 1], [0, 2**31, 2], [0, 2**31 - 1, 2**31 - 1],
+                     [2**31 - 1, 0, 2**31 - 1]]
+
+
+@pytest.mark.parametrize("shape", HUGE_EMPTY_SHAPES)
+def test_zero_dim_with_huge_dims_in_a_descriptor(rollout_frames, shape):
+    header = msgpack.unpackb(rollout_frames[0], raw=False)
+    desc = header["responses"][0]["routes"]  # a 3-D field: rank and dtype pass, only the shape is bad
+    desc["shape"], desc["dtype"] = shape, "int32"
+    frames = [msgpack.packb(header, use_bin_type=True), *rollout_frames[1:]]
+    frames[desc["frame"]] = b""
+    with pytest.raises(ProtocolError, match=r"responses\.0\.routes: (every dimension|shape .* too large)"):
+        decode(frames)
+
+
+def test_descriptor_rank_and_dims_are_bounded(rollout_frames):
+    def edit(h):
+        h["responses"][0]["routes"]["shape"] = [0] * 9
+    with pytest.raises(ProtocolError, match="9 dimensions, at most 8"):
+        decode(_with_header(rollout_frames, edit))
+    big = WeightUpdate(version=0, publish_id=0, chunk_index=0, num_chunks=1, num_tensors=1, blob=b"",
+                       checksum=0, checksum_algo="crc32")
+    frames = _with_header(_frames(big), lambda h: h["blob"].update(shape=[2**31]))
+    with pytest.raises(ProtocolError, match=r"blob: every dimension must be in \[0, 2\*\*31\)"):
+        decode(frames)
+
+
+def _st_blob(entries: dict, data: bytes = b"") -> bytes:
+    import json
+    import struct
+
+    raw = json.dumps(entries).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize("shape", HUGE_EMPTY_SHAPES)
+def test_zero_dim_with_huge_dims_in_a_safetensors_blob(shape):
+    blob = _st_blob({"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
+    with pytest.raises(ProtocolError, match="tensor 'w': (every dimension|shape .* too large)"):
+        read_blob(blob)
+    # and through the receiver, with a valid checksum and header metadata: dropped, nothing kept
+    meta = chunk_metadata(1, 7, 0, 1, 1, 0)
+    blob = _st_blob({"__metadata__": meta, "w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
+    recv = WeightReceiver()
+    with pytest.raises(ProtocolError, match="tensor 'w'"):
+        recv.feed(WeightUpdate(version=1, publish_id=7, chunk_index=0, num_chunks=1, num_tensors=1, blob=blob,
+                               checksum=checksum(blob, "crc32"), checksum_algo="crc32"))
+    assert recv.pending_version is None
+
+
+def test_safetensors_rank_is_bounded():
+    with pytest.raises(ProtocolError, match="9 dimensions, at most 8"):
+        read_blob(_st_blob({"w": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}}, b"\0" * 4))
+
+
+def test_oversized_header_is_refused_before_unpacking():
+    reason = "x" * MAX_HEADER_BYTES  # one string: cheap to unpack, but over the header limit all the same
+    header = msgpack.packb({"proto": PROTO_VERSION, "type": "Shutdown", "sender": "a", "reason": reason})
+    with pytest.raises(ProtocolError, match=f"header \\(frame 0\\) of {len(header)} bytes exceeds the limit of "
+                                            f"{MAX_HEADER_BYTES} bytes"):
+        decode([header], max_bytes=1 << 30)
+    from minirl_async.proto.messages import Shutdown
+
+    with pytest.raises(ProtocolError, match="header .* exceeds the limit"):  # the sender is told, too
+        encode(Shutdown(sender="a", reason=reason))
+
+
+def test_header_of_many_small_items_is_refused_with_bounded_memory():
+    import tracemalloc
+
+    # ~15 MiB of empty maps: unpacked unchecked, this grew the receiver by ~1.1 GB
+    rows = (MAX_HEADER_BYTES - 4096) // 1003
+    header = msgpack.packb({"proto": PROTO_VERSION, "type": "Shutdown", "sender": "a",
+                            "reason": [[{}] * 1000] * rows})
+    assert len(header) <= MAX_HEADER_BYTES
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match=f"holds more than {MAX_HEADER_ITEMS} msgpack items"):
+            decode([header])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 150 << 20, f"decoding a refused header peaked at {peak >> 20} MiB"
+
+
+def test_header_item_limit_applies_to_valid_looking_messages_and_to_encode():
+    from minirl_async.proto.messages import PromptGroup, WorkGrant
+
+    grant = WorkGrant(groups=[PromptGroup(group_id="g", attempt=0, prompt_ids=[1], group_size=1,
+                                          meta={"answer": "1", "steps": [0] * MAX_HEADER_ITEMS})])
+    with pytest.raises(ProtocolError, match="more than .* msgpack items"):
+        encode(grant)
+    header = msgpack.packb({"proto": PROTO_VERSION, "type": "WorkGrant", "backoff_s": 0.0,
+                            "groups": [{"group_id": "g", "attempt": 0, "group_size": 1,
+                                        "meta": {"steps": [[]] * (MAX_HEADER_ITEMS // 2)},
+                                        "prompt_ids": {"name": "groups.0.prompt_ids", "dtype": "int32",
+                                                       "shape": [1], "frame": 1}}]})
+    with pytest.raises(ProtocolError, match="more than .* msgpack items"):
+        decode([header, np.ones(1, np.int32).tobytes()])
+
+
+def test_realistic_headers_are_far_below_the_limits(rollout_factory):
+    """The largest headers the services send (module docstring of codec.py) keep a wide margin."""
+    from minirl_async.proto.messages import PromptGroup, ScoredGroup, WorkGrant
+
+    def items(o):
+        if isinstance(o, dict):
+            return 1 + len(o) + sum(items(v) for v in o.values())
+        if isinstance(o, list):
+            return 1 + len(o) + sum(items(v) for v in o)
+        return 0
+
+    g = rollout_factory(np.random.default_rng(3), G=1024, P=200, L=48, K=8)
+    scored = ScoredGroup.from_rollout(g, np.zeros(1024, np.float32), {"grader": "exact"}, ["timeout"] * 8)
+    grant = WorkGrant(groups=[PromptGroup(group_id=f"group-{i:08d}", attempt=3, prompt_ids=np.arange(300),
+                                          meta={"answer": "x" * 50, "task": "code",
+                                                "tests": [{"input": "1 2", "output": "3"}] * 20},
+                                          group_size=16) for i in range(512)])
+    for msg in (scored, grant):
+        frames = encode(msg)
+        assert len(frames[0]) < MAX_HEADER_BYTES // 32
+        assert items(msgpack.unpackb(frames[0], raw=False)) < MAX_HEADER_ITEMS // 16
+        decode(frames)
+
+
 def test_msgpack_extension_types_refused():
     header = msgpack.packb({"proto": PROTO_VERSION, "type": "Shutdown", "sender": msgpack.ExtType(5, b"x"),
                             "reason": ""})
@@ -191,7 +320,53 @@ def test_weight_chunk_with_bad_checksum():
     recv = WeightReceiver()
     with pytest.raises(ProtocolError, match="crc32 checksum mismatch"):
         recv.feed(decode(_frames(bad)))
-    assert recv.missing_chunks() == list(range(len(msgs)))  # nothing of the bad chunk was kept
+    # nothing of the bad chunk was kept: it did not even become the version being assembled
+    assert recv.pending_version is None and recv.missing_chunks() == [] and recv.abandoned == 0
+    # a bad chunk in the middle of an assembly leaves it as it was
+    assert recv.feed(msgs[0]) is None
+    with pytest.raises(ProtocolError, match="checksum mismatch"):
+        recv.feed(decode(_frames(WeightUpdate(**{**msgs[1].__dict__, "blob": blob}))))
+    assert recv.missing_chunks() == list(range(1, len(msgs)))
+    out = None
+    for m in msgs[1:]:
+        out = recv.feed(m)
+    assert out is not None and out.version == 1
+
+
+def _huge_version(msg, corrupt_blob):
+    """`msg` with version 10**9 in its header (the header is not covered by the checksum)."""
+    frames = _frames(msg)
+    if corrupt_blob:
+        i = msgpack.unpackb(frames[0], raw=False)["blob"]["frame"]
+        blob = bytearray(frames[i])
+        blob[len(blob) // 2] ^= 0x10
+        frames[i] = bytes(blob)
+    return decode(_with_header(frames, lambda h: h.update(version=10**9)))
+
+
+@pytest.mark.parametrize("corrupt_blob", [True, False], ids=["blob-corrupted-too", "header-only"])
+def test_corrupted_chunk_claiming_a_huge_version_changes_nothing(corrupt_blob):
+    v1, v2 = _chunks(1), _chunks(2, seed=1)
+    recv = WeightReceiver()
+    with pytest.raises(ProtocolError, match="checksum mismatch" if corrupt_blob else "header disagrees"):
+        recv.feed(_huge_version(v1[2], corrupt_blob))  # before any assembly
+    assert recv.pending_version is None
+    assert recv.feed(v1[0]) is None
+    with pytest.raises(ProtocolError, match="checksum mismatch" if corrupt_blob else "header disagrees"):
+        recv.feed(_huge_version(v2[0], corrupt_blob))  # in the middle of one
+    assert recv.pending_version == 1 and recv.missing_chunks() == list(range(1, len(v1))) and recv.abandoned == 0
+    outs = [recv.feed(m) for m in v1[1:]] + [recv.feed(m) for m in v2]
+    assert [o.version for o in outs if o is not None] == [1, 2] and recv.abandoned == 0
+
+
+def test_weight_chunk_header_must_match_its_blob_metadata():
+    msgs = _chunks(1)
+    recv = WeightReceiver()
+    for edit in (lambda h: h.update(chunk_index=1), lambda h: h.update(publish_id=h["publish_id"] ^ 1),
+                 lambda h: h.update(num_tensors=9), lambda h: h.update(num_chunks=9)):
+        with pytest.raises(ProtocolError, match="header disagrees with the checksummed blob metadata"):
+            recv.feed(decode(_with_header(_frames(msgs[0]), edit)))
+    assert recv.pending_version is None
 
 
 def test_weight_chunk_of_older_version_interleaved():
@@ -208,10 +383,8 @@ def test_weight_chunk_of_older_version_interleaved():
 
 
 def test_weight_chunk_with_valid_checksum_but_bad_blob():
-    from minirl_async.proto.stblob import checksum
-
     blob = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      "
-    msg = WeightUpdate(version=1, chunk_index=0, num_chunks=1, num_tensors=1, blob=blob,
+    msg = WeightUpdate(version=1, publish_id=1, chunk_index=0, num_chunks=1, num_tensors=1, blob=blob,
                        checksum=checksum(blob, "crc32"), checksum_algo="crc32")
     with pytest.raises(ProtocolError, match="safetensors header is not valid JSON"):
         WeightReceiver().feed(decode(_frames(msg)))
@@ -220,11 +393,9 @@ def test_weight_chunk_with_valid_checksum_but_bad_blob():
 def test_deeply_nested_safetensors_header():
     import struct
 
-    from minirl_async.proto.stblob import checksum
-
     raw = b"[" * 100_000 + b"]" * 100_000
     blob = struct.pack("<Q", len(raw)) + raw
-    msg = WeightUpdate(version=1, chunk_index=0, num_chunks=1, num_tensors=1, blob=blob,
+    msg = WeightUpdate(version=1, publish_id=1, chunk_index=0, num_chunks=1, num_tensors=1, blob=blob,
                        checksum=checksum(blob, "crc32"), checksum_algo="crc32")
     with pytest.raises(ProtocolError, match="not valid JSON"):
         WeightReceiver().feed(msg)

@@ -14,8 +14,14 @@ from minirl_async.proto.stblob import read_blob, write_blob
 
 FUZZ = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
+# Array dimensions: zeros mixed with huge values (an empty array whose other dimensions overflow numpy's or
+# torch's index arithmetic passes a byte-size check), around the 2**31 / 2**63 / 2**64 boundaries.
+dims = st.sampled_from([0, 0, 1, 2, 2**31 - 1, 2**31, 2**32, 2**62, 2**63 - 1, 2**63, 2**64 - 1]) | st.integers(0, 2**64 - 1)
+shapes = st.lists(dims, max_size=10)
+
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8)
+    | shapes,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
     max_leaves=12,
 )
@@ -98,6 +104,36 @@ def test_structural_mutations_of_valid_headers(messages, data):
     _check([msgpack.packb(header, use_bin_type=True), *frames[1:]])
 
 
+def _descriptors(obj):
+    if isinstance(obj, dict):
+        if "shape" in obj and "frame" in obj:
+            yield obj
+        for v in obj.values():
+            yield from _descriptors(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _descriptors(v)
+
+
+@FUZZ
+@given(data=st.data())
+def test_descriptor_shapes_with_zero_and_huge_dims(messages, data):
+    """Shapes of the right rank (or any) with a zero and huge dimensions, over an empty or unchanged frame."""
+    frames = _bytes_frames(data.draw(st.sampled_from([m for m in messages if len(encode(m)) > 1])))
+    header = msgpack.unpackb(frames[0], raw=False)
+    desc = data.draw(st.sampled_from(list(_descriptors(header))))
+    rank = len(desc["shape"])
+    shape = data.draw(st.lists(dims, min_size=rank, max_size=rank) | shapes)
+    if shape and data.draw(st.booleans()):
+        shape[data.draw(st.integers(0, len(shape) - 1))] = 0
+    desc["shape"] = shape
+    if data.draw(st.sampled_from(["int32", "uint8", "float32", "keep"])) != "keep" and desc["dtype"] != "uint8":
+        desc["dtype"] = data.draw(st.sampled_from(["int32", "uint8", "float32", "int16", "float64"]))
+    if 0 in shape or data.draw(st.booleans()):
+        frames[desc["frame"]] = b""
+    _check([msgpack.packb(header, use_bin_type=True), *frames[1:]])
+
+
 @FUZZ
 @given(type_name=st.sampled_from(sorted(MESSAGE_TYPES)), fields=st.dictionaries(st.text(max_size=12), json_like, max_size=8))
 def test_random_headers_of_known_types(type_name, fields):
@@ -125,6 +161,34 @@ def test_mutated_safetensors_blobs(flips, length):
         np.asarray(t.float().sum())  # readable without faults
 
 
+@settings(max_examples=500, deadline=None)
+@given(entries=st.lists(st.tuples(st.sampled_from(["F32", "BF16", "U8", "F8_E4M3", "I64"]), shapes,
+                                  st.booleans()), min_size=1, max_size=3))
+def test_safetensors_headers_with_zero_and_huge_dims(entries):
+    import json
+    import struct
+
+    from minirl_async.proto.stblob import ST_DTYPES
+
+    header, pos = {}, 0
+    for i, (dtype, shape, honest) in enumerate(entries):
+        n = 1
+        for d in shape:
+            n *= d
+        n = n * ST_DTYPES[dtype].itemsize if honest and n * ST_DTYPES[dtype].itemsize < 4096 else 0
+        header[f"t{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header).encode()
+    blob = struct.pack("<Q", len(raw)) + raw + bytes(pos)
+    try:
+        tensors, _ = read_blob(memoryview(blob))
+    except ProtocolError:
+        return
+    for t in tensors.values():
+        assert t.numel() * t.element_size() <= len(blob)
+        np.asarray(t.float().sum())
+
+
 @settings(max_examples=300, deadline=None)
 @given(splits=st.dictionaries(st.sampled_from(["w[0:2]", "w[2:4]", "v", "x[0:1]"]),
                               st.lists(st.integers(-2, 6) | st.sampled_from(["w", "v", "x"]), max_size=5), max_size=3),
@@ -134,11 +198,11 @@ def test_weight_chunks_with_random_split_metadata(splits, raw, text):
 
     from minirl_async.proto.messages import WeightUpdate
     from minirl_async.proto.stblob import checksum
-    from minirl_async.proto.weights import SPLIT_KEY, WeightReceiver
+    from minirl_async.proto.weights import SPLIT_KEY, WeightReceiver, chunk_metadata
 
     blob = write_blob([("w[0:2]", torch.ones(2, 3)), ("w[2:4]", torch.zeros(2, 3)), ("v", torch.ones(1))],
-                      {SPLIT_KEY: text if raw else json.dumps(splits)})
-    msg = WeightUpdate(version=1, chunk_index=0, num_chunks=1, num_tensors=2, blob=blob,
+                      {**chunk_metadata(1, 9, 0, 1, 2, 0), SPLIT_KEY: text if raw else json.dumps(splits)})
+    msg = WeightUpdate(version=1, publish_id=9, chunk_index=0, num_chunks=1, num_tensors=2, blob=blob,
                        checksum=checksum(blob, "crc32"), checksum_algo="crc32")
     try:
         out = WeightReceiver().feed(msg)

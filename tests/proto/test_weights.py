@@ -81,10 +81,10 @@ def _split_chunk(pieces, splits):
 
     from minirl_async.proto.messages import WeightUpdate
     from minirl_async.proto.stblob import checksum
-    from minirl_async.proto.weights import SPLIT_KEY
+    from minirl_async.proto.weights import SPLIT_KEY, chunk_metadata
 
-    blob = write_blob(pieces, {SPLIT_KEY: json.dumps(splits)})
-    return WeightUpdate(version=1, chunk_index=0, num_chunks=1, num_tensors=1, blob=blob,
+    blob = write_blob(pieces, {**chunk_metadata(1, 5, 0, 1, 1, 0), SPLIT_KEY: json.dumps(splits)})
+    return WeightUpdate(version=1, publish_id=5, chunk_index=0, num_chunks=1, num_tensors=1, blob=blob,
                         checksum=checksum(blob, "crc32"), checksum_algo="crc32")
 
 
@@ -258,3 +258,80 @@ def test_a_publish_in_progress_keeps_the_previous_version_for_resend():
     assert [m.checksum for m in sender.resend()] == [m.checksum for m in first]
     list(gen)
     assert not sender.publishing and sender.last_version == 2
+
+
+# ---------------------------------------------------------------- publish ids
+def test_a_version_is_never_assembled_from_two_publishes():
+    """The learner dies after chunks 0-1 of version 3 (publish A), restarts from its version-2 checkpoint and
+    publishes a different version 3 (publish B): the sampler must end up with exactly B's weights."""
+    state_a, state_b = _state(10), _state(11)
+    a = list(WeightSender(chunk_bytes=1500).publish(3, lambda: state_a.items()))
+    b = list(WeightSender(chunk_bytes=1500).publish(3, lambda: state_b.items()))  # the restarted learner
+    assert len(a) == len(b) > 3 and a[0].publish_id != b[0].publish_id
+    recv = WeightReceiver()
+    assert recv.feed(a[0]) is None and recv.feed(a[1]) is None
+    out = _run(b, recv)
+    assert out.version == 3 and recv.abandoned == 1 and recv.pending_version is None
+    assert set(out.tensors) == set(state_b) and all(_identical(out.tensors[k], v) for k, v in state_b.items())
+
+
+def test_chunks_of_two_publishes_interleaved_end_with_the_last_publish_complete():
+    """A chunk of another publish starts the version over; a full (re)send of one publish then completes it."""
+    state_a, state_b = _state(12), _state(13)
+    sender_b = WeightSender(chunk_bytes=1500)
+    a = list(WeightSender(chunk_bytes=1500).publish(3, lambda: state_a.items()))
+    b = list(sender_b.publish(3, lambda: state_b.items()))
+    recv = WeightReceiver()
+    for m in (a[0], b[0], a[1]):  # A, then B, then a late chunk of A again
+        assert recv.feed(m) is None
+    assert recv.abandoned == 2 and recv.pending_publish_id == a[0].publish_id
+    out = _run(list(sender_b.resend()), recv)
+    assert recv.abandoned == 3 and all(_identical(out.tensors[k], v) for k, v in state_b.items())
+
+
+@pytest.mark.parametrize("keep_blobs", [False, True])
+def test_every_chunk_and_resend_of_a_publish_carries_its_id(keep_blobs):
+    import random
+
+    state = _state(14)
+    ids = []
+    for _ in range(2):  # a restarted learner restores its RNG states: the id must not come from them
+        random.seed(0)
+        torch.manual_seed(0)
+        sender = WeightSender(chunk_bytes=1500, keep_blobs=keep_blobs)
+        first = list(sender.publish(1, lambda: state.items()))
+        again = list(sender.resend())
+        assert len({m.publish_id for m in first + again}) == 1
+        assert [m.checksum for m in again] == [m.checksum for m in first]
+        nxt = list(sender.publish(2, lambda: state.items()))
+        assert {m.publish_id for m in nxt} != {first[0].publish_id}
+        assert {m.publish_id for m in sender.resend()} == {nxt[0].publish_id}
+        ids.append(first[0].publish_id)
+    assert ids[0] != ids[1]
+
+
+def test_blob_metadata_repeats_the_header():
+    from minirl_async.proto.weights import chunk_metadata
+
+    state = _state(15)
+    for m in WeightSender(chunk_bytes=1500, fp8_block=8).publish(2, lambda: state.items()):
+        meta = read_blob(m.blob)[1]
+        assert {k: meta[k] for k in chunk_metadata(0, 0, 0, 1, 1, 0)} == chunk_metadata(
+            m.version, m.publish_id, m.chunk_index, m.num_chunks, m.num_tensors, m.fp8_block)
+        assert safetensors.torch.load(bytes(m.blob))  # still a standard safetensors file
+
+
+def test_unknown_blob_metadata_is_refused():
+    import json
+
+    from minirl_async.proto.messages import WeightUpdate
+    from minirl_async.proto.stblob import checksum
+    from minirl_async.proto.weights import chunk_metadata
+
+    blob = write_blob([("w", torch.ones(2))], {**chunk_metadata(1, 5, 0, 1, 1, 0), "note": json.dumps(1)})
+    msg = WeightUpdate(version=1, publish_id=5, chunk_index=0, num_chunks=1, num_tensors=1, blob=blob,
+                       checksum=checksum(blob, "crc32"), checksum_algo="crc32")
+    recv = WeightReceiver()
+    with pytest.raises(ProtocolError, match=r"unexpected blob metadata key\(s\) \['note'\]"):
+        recv.feed(msg)
+    assert recv.pending_version is None
