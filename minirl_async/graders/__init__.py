@@ -2,6 +2,7 @@
 
     base.py      Sample, GradeResult, load_grader("exact" | "pkg.mod:attr" | "/path/file.py:attr", kwargs)
     builtin.py   exact, numeric, math
-    code.py      code: programs run against tests in a sandboxed subprocess (limits documented there)
+    code.py      code: programs run against tests in sandboxed subprocesses (limits documented there)
+    _sandbox.py  the harness code.py runs inside the sandbox (isolation, program/judge protocol); never imported
     runner.py    GraderRunner: concurrency, per-sample timeout, failure policy, error counts by kind
 """

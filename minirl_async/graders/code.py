@@ -1,28 +1,49 @@
-"""The `code` grader: runs a response's program against tests in a sandboxed subprocess, never in-process.
+"""The `code` grader: runs a response's program against tests in sandboxed subprocesses, never in-process.
 
-Task metadata: `tests` (Python source run after the program, in its namespace; pass = they finish without
-an exception, e.g. asserts) and/or
-`test_cases` ([{"input": stdin, "output": expected stdout}], compared after stripping). The program is the
-last fenced code block of the response, or the whole response. Reward 1.0 when every test passes (or the
-fraction passed with `partial=True`).
+Task metadata: `tests` (Python source, e.g. asserts, that uses the program's functions, classes and
+constants; pass = it finishes without an exception) and/or `test_cases` ([{"input": stdin, "output":
+expected stdout}], compared after stripping). The program is the last fenced code block of the response, or
+the whole response. Reward 1.0 when every test passes (or the fraction passed with `partial=True`).
 
-What is enforced (`CodeGrader.enforced` lists what this machine allows; see `_probe_prefix`):
-- wall-clock `timeout_s`; on expiry the whole process group is SIGKILLed (and the PID namespace, below);
+Tests mode runs two sandboxes that share nothing but two pipes (`_sandbox.py` has the protocol): the
+program's, which runs the response and then answers calls on its objects, and the judge's, which runs the
+tests and alone decides the verdict. The program never sees the tests (they reach the judge through a
+descriptor, never a file), cannot reach the judge's memory, frames or modules, and what it returns arrives
+as plain data that the judge rebuilds as its own objects, so every comparison runs on the judge's types: an
+object whose __eq__ always says yes comes back as a proxy that equals nothing, and a program that exits,
+crashes or prints a forged verdict has no effect on the judge's. The tests' names that are builtins or
+standard-library modules are always the judge's own (a program defining `abs` or `math` does not change
+what the tests call); any other name the tests neither define nor import comes from the program, so tests
+should import what they use (`from math import isclose`) rather than rely on the program's imports. A proxy
+compares (==, <, +, ...) only with another proxy, `x in proxy` iterates it in the judge, and a `with` on a
+proxy never swallows an exception. Limits of this mode: a test comparing a program object with plain data
+(an instance with a custom __eq__ against an int) fails, isinstance() against a program class is not
+supported, and the program's functions named like builtins are not visible to the tests.
+
+What is enforced (`CodeGrader.enforced` lists what this machine allows; see `_probe`):
+- one deadline per sample: `timeout_s` per run, and every run of a sample ends within `total_timeout_s`
+  (and within the budget `GraderRunner` sets through `fit_time_budget`, below its own per-sample limit), so
+  a program that loops forever scores 0 instead of failing the grader; on expiry the whole process group is
+  SIGKILLed (and the PID namespace with it, below);
 - RLIMIT_CPU, RLIMIT_AS (`memory_mb`: allocation past it raises MemoryError), RLIMIT_FSIZE (output and
-  files), RLIMIT_NOFILE, no core dumps, RLIMIT_NPROC (`max_processes` beyond the user's current count:
-  fork bombs hit it; root ignores NPROC, so when the grader runs as root the child runs as `nobody`);
-- `unshare --net --pid --fork --kill-child` when available: a network namespace with no interface (the
-  kernel refuses any connection) and a PID namespace, so every descendant (even one that left the process
-  group) dies with the child; unprivileged users get it through a user namespace (`--map-root-user`);
-- always, as a second line: an audit hook in the child refusing socket connect/bind/sendto/getaddrinfo
-  (a pure-Python guard; native code could bypass it, the namespace cannot be bypassed);
-- a fresh temporary directory as cwd and HOME, removed afterwards; `python -I` (no user site, no env vars);
-- tests cannot be skipped by leaving early: the harness runs the program (a SystemExit there fails), then
-  the tests, then prints a per-run random nonce that it read from a pipe and closed before the program
-  started; the run passes only if that nonce is in stdout, so `sys.exit(0)`, `os._exit(0)`, an atexit hook
-  or a signal before the tests end all fail. The program and the tests share one interpreter (the tests
-  need its functions), so this stops exits and harness tampering through builtins, files and descriptors,
-  not a program written to dig the nonce out of the harness's frames in memory.
+  files), RLIMIT_NOFILE, no core dumps, RLIMIT_NPROC (`max_processes` beyond the uid's current count);
+- a distinct identity per concurrent run when the grader is root: the program and the judge of each run
+  get their own uids (`uid_base` upwards, uids with no passwd/group entry), so runs cannot signal, trace or
+  touch each other, and their files and process counts are apart; unprivileged graders run everything as
+  themselves (inside a user namespace when possible, with every capability dropped);
+- `unshare --net --pid --ipc --mount --mount-proc --fork --kill-child` when available: no network interface
+  (the kernel refuses any connection), a PID namespace (every descendant dies with the run, /proc shows only
+  the run), private System V IPC, and a private root built by the harness: read-only binds of the
+  interpreter's and the system's directories only (`/usr`, `/lib*`, a few `/etc` files), a minimal `/dev`,
+  and a private size-limited tmpfs `/tmp` owned 0700 by the run's uid as working directory and HOME (its
+  only writable place with `/dev/shm`). Project files, data sets and the host's /tmp and /proc are not
+  there. Without mount namespaces (old util-linux, no privileges): `--net --pid` when possible, else none,
+  and a fresh 0700 temporary directory owned by the run's uid; the host filesystem is then readable;
+- always: PR_SET_NO_NEW_PRIVS, and an audit hook refusing socket connect/bind/sendto/getaddrinfo (a
+  pure-Python second line behind the network namespace); `python -I`. A root grader runs the system
+  `python3` when its own interpreter is not executable by other users (e.g. under /root);
+- outputs are read through descriptors the grader opened on anonymous files (never reopened by path), at most
+  `max_output_mb`; inputs (program, tests, stdin) reach the sandbox the same way.
 
     grader = CodeGrader(timeout_s=5, memory_mb=512)
     await grader(Sample("...", "```python\\nprint(int(input()) * 2)\\n```", {"test_cases": [...]}))
@@ -31,16 +52,22 @@ What is enforced (`CodeGrader.enforced` lists what this machine allows; see `_pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
+import json
+import math
 import os
+import pwd
 import re
 import resource
-import secrets
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,77 +75,19 @@ from typing import Any
 from minirl_async.graders.base import GradeResult, Sample
 
 NOBODY = 65534
-
-_HARNESS = r'''
-import sys
-def _no_network(event, args):
-    if event in ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
-                 "socket.gethostbyname", "socket.gethostbyname_ex", "socket.gethostbyaddr"):
-        raise PermissionError("network access is disabled in the code grader")
-sys.addaudithook(_no_network)
-
-
-def _run_script(prog):  # stdin/stdout cases: the program alone, as __main__; its output is what is graded
-    import runpy
-    sys.argv = [prog]
-    runpy.run_path(prog, run_name="__main__")
-
-
-def _run_with_tests(prog, tests_path, nonce_fd):
-    # Everything the epilogue needs is read or bound here, before the program runs: the program may
-    # rewrite the files, rebind builtins (exec, compile, print) or module attributes (os.write, sys.exit).
-    import builtins, os, types
-    _exec, _compile, _write, _exit, _settrace, _setprofile = exec, compile, os.write, os._exit, \
-        sys.settrace, sys.setprofile
-    with open(prog) as f:
-        prog_src = f.read()
-    with open(tests_path) as f:
-        tests_src = f.read()
-    with os.fdopen(nonce_fd, "rb") as f:  # closed now: the program cannot read it from the descriptor
-        nonce = f.read()
-    err = sys.stderr
-
-    def fail(msg):
-        try:
-            sys.stdout.flush()
-        except Exception:
-            pass
-        err.write(msg + "\n")
-        err.flush()
-        _exit(1)
-
-    mod = types.ModuleType("__main__")
-    mod.__file__, mod.__builtins__ = prog, builtins
-    sys.modules["__main__"] = mod
-    sys.argv = [prog]
-    try:
-        _exec(_compile(prog_src, prog, "exec"), mod.__dict__)
-    except SystemExit as e:
-        fail(f"the program exited (SystemExit({e.code!r})) before the tests ran")
-    _settrace(None)  # a trace function could jump over the asserts
-    _setprofile(None)
-    try:
-        _exec(_compile(tests_src, "tests.py", "exec"), mod.__dict__)
-    except SystemExit as e:
-        fail(f"SystemExit({e.code!r}) raised while the tests ran")
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except Exception:
-        pass
-    # Reached only when every test ran and passed; an exit anywhere earlier (sys.exit, os._exit, a signal,
-    # an atexit hook) never writes it, and the program cannot print it itself: it never saw the nonce.
-    _write(1, b"\n" + nonce + b"\n")
-    _exit(0)
-
-
-if len(sys.argv) == 2:
-    _run_script(sys.argv[1])
-else:
-    _run_with_tests(sys.argv[1], sys.argv[2], int(sys.argv[3]))
-'''
+UID_BASE = 61000
+_MAX_SLOTS = 512
+_HARNESS = Path(__file__).with_name("_sandbox.py").read_text()
+_MARKER = b"minirl-judge: every test passed\n"  # _sandbox.MARKER
+assert _MARKER.decode().strip() in _HARNESS, "code.py and _sandbox.py disagree on the verdict marker"
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL)
+
+# What a private root exposes (read-only) besides the interpreter's own directories.
+_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache",
+                 "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/passwd", "/etc/group",
+                 "/etc/nsswitch.conf")
+_STAGES = ("/tmp", "/mnt", "/media", "/srv", "/opt", "/run", "/var/tmp")
 
 
 def extract_code(text: str) -> str:
@@ -150,69 +119,246 @@ def _user_process_count(uid: int) -> int:
 
 @dataclass
 class RunResult:
-    status: str  # "ok" (exit 0), "error" (non-zero exit / killed by a limit), "timeout"
+    status: str  # "ok" (exit 0; with tests: the judge's verdict), "error" (failed / killed by a limit), "timeout"
     returncode: int | None
     stdout: str
     stderr: str
 
 
-_PROBE_CACHE: dict[tuple[str, bool], tuple[list[str], list[str]]] = {}
+@dataclass(frozen=True)
+class _Mode:
+    """How runs are sandboxed on this machine (the strongest variant that worked, see `_probe`)."""
+
+    prefix: tuple[str, ...]
+    fs: bool  # private root (mount namespace)
+    userns: bool  # unprivileged grader: root of a user namespace, capabilities dropped
+    uids: bool  # root grader: a uid pair per concurrent run (else `shared_uid` for all, or the grader's own)
+    shared_uid: int | None
+    expose: tuple[str, ...]
+    stage: str
+    names: tuple[str, ...]
 
 
-def _probe_prefix(python: str, drop_to_nobody: bool) -> tuple[list[str], list[str]]:
-    """The strongest sandbox prefix that works here, and the names of what it enforces."""
-    key = (python, drop_to_nobody)
-    if key in _PROBE_CACHE:
-        return _PROBE_CACHE[key]
-    candidates: list[tuple[list[str], list[str]]] = []
-    if shutil.which("unshare"):
-        ns = ["--net", "--pid", "--fork", "--kill-child"]
-        if os.geteuid() == 0:
-            if drop_to_nobody:
-                candidates.append((["unshare", *ns, "--setuid", str(NOBODY), "--setgid", str(NOBODY)],
-                                   ["network_namespace", "pid_namespace", "unprivileged_user"]))
-            candidates.append((["unshare", *ns], ["network_namespace", "pid_namespace"]))
+# ---------------------------------------------------------------------------------------------------------
+# Identities: a (program, judge) uid pair per concurrent run, process-wide
+# ---------------------------------------------------------------------------------------------------------
+
+_SLOT_LOCK = threading.Lock()
+_SLOTS_USED: set[int] = set()
+_UID_FREE: dict[int, bool] = {}
+
+
+def _uid_unassigned(uid: int) -> bool:
+    """No account or group has this id (cached): using it cannot give a run anyone's files."""
+    if uid not in _UID_FREE:
+        free = True
+        for lookup in (pwd.getpwuid, grp.getgrgid):
+            try:
+                lookup(uid)
+                free = False
+            except KeyError:
+                pass
+        _UID_FREE[uid] = free
+    return _UID_FREE[uid]
+
+
+@contextlib.contextmanager
+def _uid_slot(base: int) -> Iterator[tuple[int, int]]:
+    with _SLOT_LOCK:
+        for slot in range(_MAX_SLOTS):
+            uids = (base + 2 * slot, base + 2 * slot + 1)
+            if slot not in _SLOTS_USED and all(_uid_unassigned(u) for u in uids):
+                _SLOTS_USED.add(slot)
+                break
         else:
-            candidates.append((["unshare", "--user", "--map-root-user", *ns], ["network_namespace", "pid_namespace"]))
-    for prefix, names in candidates:
-        try:
-            r = subprocess.run([*prefix, python, "-I", "-c", "pass"], capture_output=True, timeout=20)
-            if r.returncode == 0:
-                _PROBE_CACHE[key] = (prefix, names)
-                return prefix, names
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    _PROBE_CACHE[key] = ([], [])
-    return [], []
+            raise RuntimeError(f"code grader: no free sandbox uid pair from {base} (more than {_MAX_SLOTS} runs at once?)")
+    try:
+        yield uids
+    finally:
+        with _SLOT_LOCK:
+            _SLOTS_USED.discard(slot)
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of `uid` (run as that uid: kill(-1) reaches exactly its processes)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["kill", "-KILL", "-1"], user=uid, group=uid, extra_groups=[], timeout=10,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Probing what this machine allows
+# ---------------------------------------------------------------------------------------------------------
+
+_PROBE_CACHE: dict[tuple[str, bool, int], _Mode] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def _python_paths(python: str) -> list[str]:
+    code = ("import sys, sysconfig, json; p = sysconfig.get_paths(); print(json.dumps([sys.prefix, sys.exec_prefix,"
+            " sys.base_prefix, sys.base_exec_prefix] + [p.get(k, '') for k in ('stdlib', 'platstdlib', 'purelib',"
+            " 'platlib')]))")
+    try:
+        r = subprocess.run([python, "-I", "-c", code], capture_output=True, timeout=30, check=True)
+        paths = json.loads(r.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        paths = []
+    return [os.path.dirname(python), *(p for p in paths if isinstance(p, str))]
+
+
+def _expose_list(python: str) -> list[str]:
+    """Absolute paths a private root binds read-only (symlinks are recreated, their targets exposed)."""
+    cands: list[str] = []
+    for p in (*_SYSTEM_PATHS, *_python_paths(python)):
+        if not p or not os.path.isabs(p) or not os.path.lexists(p):
+            continue
+        p = os.path.normpath(p)
+        if os.path.islink(p) and os.path.dirname(p) in ("/", "/etc"):
+            cands.append(p)
+        if os.path.exists(p):
+            cands.append(os.path.realpath(p))
+    out: list[str] = []
+    for p in sorted(set(cands), key=lambda s: (s.count("/"), s)):
+        if p == "/" or any(p == q or p.startswith(q.rstrip("/") + "/") for q in out if not os.path.islink(q)):
+            continue
+        out.append(p)
+    return out
+
+
+def _pick_stage(expose: list[str]) -> str:
+    for cand in _STAGES:
+        if os.path.isdir(cand) and not os.path.islink(cand) and \
+                not any(p == cand or p.startswith(cand + "/") for p in expose):
+            return cand
+    return "/tmp"
+
+
+def _probe(python: str, root: bool, uid_base: int) -> _Mode:
+    """The strongest sandbox that works here: each candidate runs the harness's `probe` role end to end
+    (namespaces, private root, dropping privileges) and must report what it promised."""
+    key = (python, root, uid_base)
+    with _PROBE_LOCK:
+        if key in _PROBE_CACHE:
+            return _PROBE_CACHE[key]
+        expose = _expose_list(python)
+        stage = _pick_stage(expose)
+        full = ("--net", "--pid", "--ipc", "--mount", "--mount-proc", "--fork", "--kill-child")
+        ns = ("--net", "--pid", "--fork", "--kill-child")
+        ns_names = ("network_namespace", "pid_namespace")
+        fs_names = ("ipc_namespace", "mount_namespace", "private_root", "private_tmp", "private_proc")
+        cands: list[tuple[tuple[str, ...], bool, bool, tuple[str, ...]]] = []
+        if shutil.which("unshare"):
+            if root:
+                cands += [(("unshare", *full), True, False, ns_names + fs_names), (("unshare", *ns), False, False, ns_names)]
+            else:
+                user = ("unshare", "--user", "--map-root-user")
+                cands += [((*user, *full), True, True, ns_names + fs_names), ((*user, *ns), False, True, ns_names)]
+        cands.append(((), False, False, ()))
+        uid_choices: list[tuple[int | None, bool]] = [(uid_base, True), (NOBODY, False)] if root else [(None, False)]
+        mode = None
+        for prefix, fs, userns, names in cands:
+            for uid, per_run in uid_choices:
+                if _probe_one(python, prefix, fs, userns, uid, expose, stage):
+                    extra = ("unprivileged_user", "per_run_uid") if per_run else ("unprivileged_user",) if root else ()
+                    if userns:
+                        extra = ("user_namespace", "no_capabilities")
+                    mode = _Mode(prefix, fs, userns, per_run, None if per_run else uid, tuple(expose), stage,
+                                 names + extra)
+                    break
+            if mode is not None:
+                break
+        if mode is None:  # nothing worked (not even dropping to nobody): run as ourselves, no namespaces
+            mode = _Mode((), False, False, False, None, tuple(expose), stage, ())
+        _PROBE_CACHE[key] = mode
+        return mode
+
+
+def _probe_one(python: str, prefix: tuple[str, ...], fs: bool, userns: bool, uid: int | None,
+               expose: list[str], stage: str) -> bool:
+    workdir = "/tmp" if fs else tempfile.mkdtemp(prefix="minirl_probe_")
+    try:
+        if not fs and uid is not None:
+            os.chown(workdir, uid, uid)
+        cfg = {"role": "probe", "fs": fs, "userns": userns, "uid": uid, "fs_uid": uid if uid is not None else 0,
+               "fs_mb": 4, "expose": expose, "stage": stage, "workdir": workdir}
+        r = subprocess.run([*prefix, python, "-I", "-c", _HARNESS, json.dumps(cfg)], capture_output=True,
+                           timeout=30, cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+        if r.returncode != 0:
+            return False
+        rep = json.loads(r.stdout.decode().strip().splitlines()[-1])
+        if uid is not None and (rep["uid"], rep["euid"]) != (uid, uid):
+            return False
+        if userns and rep["caps"] != 0:
+            return False
+        allowed = {p.split("/")[1] for p in expose} | {"dev", "proc", "tmp"}
+        if fs and (len(rep["pids"]) > 2 or not set(rep["root"]) <= allowed or rep["cwd"] != "/tmp"):
+            return False
+        return True
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, IndexError):
+        return False
+    finally:
+        if not fs:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grader
+# ---------------------------------------------------------------------------------------------------------
 
 
 class CodeGrader:
     """Grades programs by running them against the task's tests in a sandbox (see module docstring)."""
 
     def __init__(self, timeout_s: float = 5.0, memory_mb: int = 512, max_processes: int = 32,
-                 max_output_mb: int = 16, python: str = "", partial: bool = False):
+                 max_output_mb: int = 16, python: str = "", partial: bool = False,
+                 total_timeout_s: float | None = None, uid_base: int = UID_BASE):
         if timeout_s <= 0 or memory_mb < 64:
             raise ValueError("code grader needs timeout_s > 0 and memory_mb >= 64 (Python itself needs ~30 MB)")
+        if total_timeout_s is not None and total_timeout_s <= 0:
+            raise ValueError("code grader needs total_timeout_s > 0 (or None: no limit beyond the runner's)")
         self.timeout_s, self.memory_mb, self.max_processes = timeout_s, memory_mb, max_processes
         self.max_output = max_output_mb << 20
         self.partial = partial
+        self.total_timeout_s = total_timeout_s
+        self._budget: float | None = None
         self.is_root = os.geteuid() == 0
         py = python or sys.executable
         if self.is_root and not _world_executable(py):
-            # nobody cannot run an interpreter under /root: use the system one if it is reachable.
+            # A run's uid cannot run an interpreter under /root: use the system one if it is reachable.
             system = shutil.which("python3", path="/usr/bin:/bin")
             if system and _world_executable(system) and not python:
                 py = system
         self.python = os.path.realpath(py)
-        self.prefix, ns_names = _probe_prefix(self.python, self.is_root and _world_executable(self.python))
-        self.run_uid = NOBODY if "unprivileged_user" in ns_names else os.geteuid()
-        self.enforced = ["wall_time_kill_process_group", "rlimit_cpu", "rlimit_memory", "rlimit_file_size",
-                         "rlimit_open_files", "audit_hook_network", "temp_dir", *ns_names]
-        if not self.is_root or self.run_uid != 0:
+        self.uid_base = uid_base
+        self.mode = _probe(self.python, self.is_root, uid_base)
+        if self.is_root and not (self.mode.uids or self.mode.shared_uid is not None):
+            raise ValueError(f"code grader: running as root, and no sandbox here could run {self.python} under an "
+                             "unprivileged uid; untrusted programs are not run as root (pass python= an "
+                             "interpreter other users can execute)")
+        self.enforced = ["wall_time_kill_process_group", "sample_deadline", "rlimit_cpu", "rlimit_memory",
+                         "rlimit_file_size", "rlimit_open_files", "audit_hook_network", "no_new_privs",
+                         "private_workdir", "tests_in_separate_process", *self.mode.names]
+        if self.mode.uids or self.mode.shared_uid is not None or not self.is_root:
             self.enforced.append("rlimit_processes")  # RLIMIT_NPROC does not bind uid 0
 
-    def _limits(self, nproc: int) -> Any:
-        mem, cpu, fsize = self.memory_mb << 20, int(self.timeout_s) + 1, self.max_output
+    # -- time --------------------------------------------------------------------------------------------
+
+    def fit_time_budget(self, seconds: float) -> None:
+        """Called by GraderRunner with its per-sample limit: every run of a sample ends a margin before it,
+        so a program that never ends scores 0 here instead of failing the grader (and dropping its group)."""
+        budget = max(0.05, seconds - min(1.0, 0.2 * seconds))
+        self._budget = budget if self._budget is None else min(self._budget, budget)
+
+    @property
+    def sample_timeout_s(self) -> float:
+        """Wall-clock budget for all runs of one sample (inf when neither total_timeout_s nor a runner set one)."""
+        limits = [t for t in (self.total_timeout_s, self._budget) if t is not None]
+        return min(limits) if limits else math.inf
+
+    # -- one run -----------------------------------------------------------------------------------------
+
+    def _limits(self, nproc: int, timeout_s: float) -> Any:
+        mem, cpu, fsize = self.memory_mb << 20, int(timeout_s) + 1, self.max_output
 
         def apply() -> None:  # runs in the child between fork and exec
             resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
@@ -224,72 +370,102 @@ class CodeGrader:
 
         return apply
 
-    async def run_program(self, code: str, stdin: str = "", tests: str | None = None) -> RunResult:
-        """Run `code` once in the sandbox with `stdin`; never raises for anything the program does.
+    def _workdir(self, stack: contextlib.ExitStack, uid: int | None) -> str:
+        if self.mode.fs:
+            return "/tmp"  # the private tmpfs the harness mounts, owned 0700 by uid
+        d = tempfile.mkdtemp(prefix="minirl_code_")  # 0700
+        stack.callback(shutil.rmtree, d, True)
+        if uid is not None and self.is_root:
+            os.chown(d, uid, uid)
+        return d
 
-        With `tests`, the tests run after the program in its namespace, and the run is "ok" only when the
-        harness printed this run's nonce after them (see `_run_with_tests` in the harness): a program that
-        exits early, with any status, is an "error"."""
-        tmp = Path(tempfile.mkdtemp(prefix="minirl_code_"))
-        nonce_r = -1
-        try:
-            (tmp / "prog.py").write_text(code)
-            (tmp / "harness.py").write_text(_HARNESS)
-            (tmp / "stdin.txt").write_text(stdin)
-            args = [str(tmp / "prog.py")]
-            nonce = ""
-            if tests is not None:
-                (tmp / "tests.py").write_text(tests)
-                # The nonce travels through a pipe the harness reads and closes before the program starts:
-                # not on the command line, in the environment or in a file the program could read.
-                nonce = f"minirl-tests-passed-{secrets.token_hex(16)}"
-                nonce_r, nonce_w = os.pipe()
-                os.write(nonce_w, nonce.encode())
-                os.close(nonce_w)
-                args += [str(tmp / "tests.py"), str(nonce_r)]
-            if self.run_uid == NOBODY:
-                os.chmod(tmp, 0o777)
-                for f in tmp.iterdir():
-                    os.chmod(f, 0o644)
-            env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-            cmd = [*self.prefix, self.python, "-I", str(tmp / "harness.py"), *args]
-            nproc = _user_process_count(self.run_uid) + self.max_processes
-            with open(tmp / "stdin.txt", "rb") as fin, open(tmp / "out.txt", "wb") as fout, \
-                    open(tmp / "err.txt", "wb") as ferr:
-                proc = await asyncio.create_subprocess_exec(
-                    *cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=tmp, env=env, start_new_session=True,
-                    preexec_fn=self._limits(nproc), pass_fds=(nonce_r,) if nonce_r >= 0 else (),
-                )
-                if nonce_r >= 0:
-                    os.close(nonce_r)
-                    nonce_r = -1
+    async def _spawn(self, stack: contextlib.ExitStack, role: str, uid: int | None, timeout_s: float,
+                     stdin: int, stdout: int, stderr: int, fds: dict[str, int]) -> asyncio.subprocess.Process:
+        workdir = self._workdir(stack, uid)
+        cfg = {"role": role, "fs": self.mode.fs, "userns": self.mode.userns, "uid": uid,
+               "fs_uid": uid if uid is not None else 0, "fs_mb": max(8, 4 * (self.max_output >> 20)),
+               "expose": list(self.mode.expose), "stage": self.mode.stage, "workdir": workdir,
+               **{f"{k}_fd" if k in ("prog", "tests", "verdict") else k: v for k, v in fds.items()}}
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        nproc = _user_process_count(uid if uid is not None else os.geteuid()) + self.max_processes
+        cmd = [*self.mode.prefix, self.python, "-I", "-c", _HARNESS, json.dumps(cfg)]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=stdin, stdout=stdout, stderr=stderr, cwd="/", env=env, start_new_session=True,
+            preexec_fn=self._limits(nproc, timeout_s), pass_fds=tuple(fds.values()),
+        )
+        if uid is not None and self.is_root and not self.mode.prefix:
+            stack.callback(_kill_uid, uid)  # no PID namespace: leftovers of this uid die with the run
+        return proc
+
+    def _read(self, fd: int) -> str:
+        return os.pread(fd, self.max_output, 0).decode(errors="replace")
+
+    async def run_program(self, code: str, stdin: str = "", tests: str | None = None,
+                          timeout_s: float | None = None) -> RunResult:
+        """Run `code` once in the sandbox with `stdin` (or against `tests`); never raises for anything the
+        program does. With `tests` the status is the judge's verdict: "ok" only when the judge ran every
+        test and wrote its marker; the program's own exit status does not matter."""
+        limit = self.timeout_s if timeout_s is None else max(0.0, min(self.timeout_s, timeout_s))
+        with contextlib.ExitStack() as stack:
+            prog_uid: int | None
+            judge_uid: int | None
+            if self.mode.uids:
+                prog_uid, judge_uid = stack.enter_context(_uid_slot(self.uid_base))
+            else:
+                prog_uid = judge_uid = self.mode.shared_uid
+
+            def anon(data: bytes = b"") -> int:
+                f = stack.enter_context(tempfile.TemporaryFile())  # unlinked: the sandbox cannot swap it by path
+                f.write(data)
+                f.flush()
+                f.seek(0)  # stdin is read from the start
+                return f.fileno()
+
+            prog_fd, out_fd, err_fd = anon(code.encode(errors="replace")), anon(), anon()
+            procs: list[asyncio.subprocess.Process] = []
+            try:
+                if tests is None:
+                    procs.append(await self._spawn(stack, "script", prog_uid, limit, anon(stdin.encode(errors="replace")),
+                                                   out_fd, err_fd, {"prog": prog_fd}))
+                else:
+                    tests_fd, verdict_fd, jout_fd, jerr_fd = anon(tests.encode(errors="replace")), anon(), anon(), anon()
+                    to_prog, to_judge = os.pipe(), os.pipe()
+                    pipe_ends = [*to_prog, *to_judge]
+                    try:
+                        procs.append(await self._spawn(
+                            stack, "program", prog_uid, limit, anon(), out_fd, err_fd,
+                            {"prog": prog_fd, "rpc_in": to_prog[0], "rpc_out": to_judge[1]}))
+                        procs.append(await self._spawn(
+                            stack, "judge", judge_uid, limit, anon(), jout_fd, jerr_fd,
+                            {"tests": tests_fd, "rpc_in": to_judge[0], "rpc_out": to_prog[1], "verdict": verdict_fd}))
+                    finally:
+                        for fd in pipe_ends:  # only the sandboxes hold the pipes: an end closing is seen at once
+                            os.close(fd)
                 status = "ok"
                 try:
-                    await asyncio.wait_for(proc.wait(), self.timeout_s)
-                except (TimeoutError, asyncio.CancelledError) as e:
+                    await asyncio.wait_for(procs[-1].wait(), limit)
+                except TimeoutError:
                     status = "timeout"
-                    self._kill_group(proc.pid)
-                    await proc.wait()
-                    if isinstance(e, asyncio.CancelledError):
-                        raise
-                # Orphans left in the group (background children) die with the run in every case.
-                self._kill_group(proc.pid)
-            read = lambda name: (tmp / name).read_bytes()[: self.max_output].decode(errors="replace")  # noqa: E731
-            stdout, stderr = read("out.txt"), read("err.txt")
-            if status == "ok" and proc.returncode != 0:
-                status = "error"
-            if tests is not None and status == "ok":
-                if f"\n{nonce}\n" in stdout:
-                    stdout = stdout.replace(f"\n{nonce}\n", "")
-                else:
+            finally:
+                for p in procs:  # orphans left in the groups (background children) die with the run in every case
+                    self._kill_group(p.pid)
+                for p in procs:
+                    await p.wait()
+            main = procs[-1]
+            stdout, stderr = self._read(out_fd), self._read(err_fd)
+            if tests is None:
+                if status == "ok" and main.returncode != 0:
                     status = "error"
-                    stderr = (stderr.rstrip("\n") + "\n" if stderr else "") + \
-                        "the program ended with status 0 before the tests finished (exit / os._exit)"
-            return RunResult(status, proc.returncode, stdout, stderr)
-        finally:
-            if nonce_r >= 0:
-                os.close(nonce_r)
-            shutil.rmtree(tmp, ignore_errors=True)
+                return RunResult(status, main.returncode, stdout, stderr)
+            judge_err = self._read(jerr_fd)
+            passed = main.returncode == 0 and os.pread(verdict_fd, len(_MARKER), 0) == _MARKER
+            if status == "ok" and not passed:
+                status = "error"
+            # The judge's account last (what failed); the program's stderr before it (why, e.g. a traceback).
+            both = (stderr.rstrip("\n") + "\n" if stderr.strip() else "") + judge_err
+            return RunResult(status, main.returncode, stdout, both)
+        raise AssertionError("unreachable")  # pragma: no cover - the with block returns
 
     @staticmethod
     def _kill_group(pgid: int) -> None:
@@ -298,17 +474,34 @@ class CodeGrader:
         except (ProcessLookupError, PermissionError):
             pass
 
+    # -- a sample ----------------------------------------------------------------------------------------
+
     async def __call__(self, sample: Sample) -> GradeResult:
         tests, cases = sample.meta.get("tests"), sample.meta.get("test_cases")
         if not tests and not cases:
             raise ValueError("code grader: task metadata needs 'tests' (Python source) or 'test_cases'")
         code = extract_code(sample.response_text)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.sample_timeout_s
         results: list[tuple[bool, str]] = []
+
+        async def run(stdin: str = "", tests: str | None = None) -> RunResult | None:
+            left = deadline - loop.time()
+            if left <= 0.05:  # the sample's budget is spent: the remaining runs are timeouts, not run at all
+                return None
+            return await self.run_program(code, stdin, tests, timeout_s=min(self.timeout_s, left))
+
         if tests:
-            r = await self.run_program(code, tests=str(tests))
-            results.append((r.status == "ok", r.status if r.status != "error" else r.stderr[-300:]))
+            r = await run(tests=str(tests))
+            if r is None:
+                results.append((False, "timeout"))
+            else:
+                results.append((r.status == "ok", r.status if r.status != "error" else r.stderr[-300:]))
         for case in cases or []:
-            r = await self.run_program(code, str(case.get("input", "")))
+            r = await run(str(case.get("input", "")))
+            if r is None:
+                results.append((False, "timeout"))
+                continue
             ok = r.status == "ok" and r.stdout.strip() == str(case.get("output", "")).strip()
             results.append((ok, r.status if r.status != "ok" else ("wrong output" if not ok else "ok")))
         passed = sum(ok for ok, _ in results)

@@ -16,6 +16,11 @@ grader that hangs for good costs at most 2 x `concurrency` threads, never an unb
 are cancelled at the timeout. Code under test never runs here: the `code` grader runs it in a sandboxed
 subprocess.
 
+A grader with a `fit_time_budget(seconds)` method (the built-in `code` and `math` graders) is told
+`timeout_s` when the runner is built, and keeps all its work on one sample a margin below it: what the graded
+response controls (a program that never ends, an expression that is slow to simplify) then scores 0 inside
+the grader rather than becoming a `timeout` failure that drops the group.
+
     runner = GraderRunner.from_config(cfg.grader)        # loads the grader now: import errors surface at start
     result = await runner.grade_group(samples)           # GroupGrade(rewards, infos, errors, dropped)
 """
@@ -96,6 +101,9 @@ class GraderRunner:
         if concurrency < 1 or timeout_s <= 0:
             raise ValueError("grader.concurrency must be >= 1 and grader.timeout_s > 0")
         self.grader, self.concurrency, self.timeout_s, self.policy = grader, concurrency, timeout_s, failure_policy
+        fit = getattr(grader, "fit_time_budget", None)
+        if callable(fit):  # the grader bounds its own work below our timeout (see the module docstring)
+            fit(timeout_s)
         self.is_async = _is_async(grader)
         self.error_counts: Counter[str] = Counter()
         self.num_graded = 0

@@ -198,3 +198,22 @@ def test_concurrency_limit_is_respected() -> None:
 def test_invalid_policy_is_rejected() -> None:
     with pytest.raises(ValueError, match="failure_policy"):
         GraderRunner(behaving_badly, failure_policy="ignore")  # type: ignore[arg-type]
+
+
+def test_graders_that_bound_their_own_work_are_told_the_timeout() -> None:
+    # A grader with fit_time_budget learns the per-sample limit when the runner is built (from_config too),
+    # so it can end what the response controls (a looping program, a slow expression) below it.
+    class Bounded:
+        budget: float | None = None
+
+        def fit_time_budget(self, seconds: float) -> None:
+            self.budget = seconds
+
+        def __call__(self, sample: Sample) -> float:
+            return 1.0
+
+    g = Bounded()
+    runner = GraderRunner(g, timeout_s=4.5)
+    assert g.budget == 4.5
+    assert asyncio.run(runner.grade_group(_samples("x"))).rewards == [1.0]
+    runner.close()
