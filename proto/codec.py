@@ -1,7 +1,7 @@
 """Codec: message <-> ZeroMQ multipart frames, zero-copy for arrays, strict on decode. No pickle.
 
 Frame 0 is a msgpack map `{"proto": PROTO_VERSION, "type": "<Type>", <field>: <value>, ...}`. Every array
-(and a WeightUpdate's blob) travels in its own frame; in the header its field holds the descriptor
+(and each segment of a WeightUpdate's blob) travels in its own frame; in the header its field holds the descriptor
 `{"name": <path>, "dtype": <str>, "shape": [..], "frame": <int>}`. Nested messages (a WorkGrant's groups,
 a RolloutGroup's responses) are msgpack maps without "proto"/"type"; array paths name them, e.g.
 `responses.3.logprobs`.
@@ -51,6 +51,7 @@ from minirl_async.proto.messages import (
     Buffer,
     Message,
     ProtocolError,
+    Segments,
     _Message,
     check_shape,
 )
@@ -72,7 +73,7 @@ _MAX_JSON_DEPTH = 32
 # ---------------------------------------------------------------- schema (from the dataclass annotations)
 @cache
 def _schema(cls: type) -> tuple[tuple[str, str, Any], ...]:
-    """(field name, kind, detail) per field; kinds: str int float bool json fdict slist tensor blob list."""
+    """(field name, kind, detail) per field; kinds: str int float bool json fdict slist tensor blob segments list."""
     hints = typing.get_type_hints(cls)
     out: list[tuple[str, str, Any]] = []
     for f in dataclasses.fields(cls):
@@ -81,6 +82,8 @@ def _schema(cls: type) -> tuple[tuple[str, str, Any], ...]:
             out.append((f.name, "tensor", f.metadata))
         elif hint == Buffer:
             out.append((f.name, "blob", None))
+        elif hint == Segments:
+            out.append((f.name, "segments", None))
         elif hint in (str, int, float, bool):
             out.append((f.name, hint.__name__, None))
         elif hint == dict[str, Any]:
@@ -134,6 +137,13 @@ def _encode_fields(obj: Any, frames: list[Any], prefix: str) -> dict[str, Any]:
             shape = check_shape([mv.nbytes], 1, path)
             out[name] = {"name": path, "dtype": "uint8", "shape": shape, "frame": len(frames)}
             frames.append(value)
+        elif kind == "segments":
+            out[name] = []
+            for i, seg in enumerate(value):
+                mv = memoryview(seg).cast("B")
+                shape = check_shape([mv.nbytes], 1, f"{path}.{i}")
+                out[name].append({"name": f"{path}.{i}", "dtype": "uint8", "shape": shape, "frame": len(frames)})
+                frames.append(seg)
         elif kind == "list":
             out[name] = [_encode_fields(item, frames, f"{path}.{i}.") for i, item in enumerate(value)]
         elif kind == "float":
@@ -240,6 +250,10 @@ def _decode_obj(cls: type, fields: Any, bufs: list[memoryview], used: set[int], 
             kwargs[name] = _decode_tensor(v, path, detail, bufs, used)
         elif kind == "blob":
             kwargs[name] = _decode_blob(v, path, bufs, used)
+        elif kind == "segments":
+            if not isinstance(v, list) or not v:
+                raise ProtocolError(f"{where}: field {name!r} must be a non-empty list of segment descriptors")
+            kwargs[name] = [_decode_blob(d, f"{path}.{i}", bufs, used) for i, d in enumerate(v)]
         elif kind == "list":
             if not isinstance(v, list):
                 raise ProtocolError(f"{where}: field {name!r} must be a list, got {type(v).__name__}")

@@ -22,13 +22,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTO_VERSION = 2
+PROTO_VERSION = 3
 """Bumped on any change of a message's fields or meaning; peers with another number are refused.
-2: WeightUpdate.publish_id, and a chunk's blob metadata repeats its header (see WeightUpdate)."""
+2: WeightUpdate.publish_id, and a chunk's blob metadata repeats its header (see WeightUpdate).
+3: WeightUpdate.blob travels as segments (one frame each) whose concatenation is the safetensors file."""
 
 FINISH_REASONS = ("stop", "length", "abort")
 CHECKSUM_ALGOS = ("xxh3_64", "crc32")
 Buffer = bytes | bytearray | memoryview
+Segments = list[Buffer]
+"""A byte string sent as several frames (zero-copy views of separate buffers); its bytes are their concatenation."""
 
 
 class ProtocolError(ValueError):
@@ -326,9 +329,9 @@ class ScoredGroup(RolloutGroup):
 class WeightUpdate(_Message):
     """Learner -> samplers (XPUB -> SUB, or one subscriber's topic): chunk `chunk_index` of `num_chunks`.
 
-    Invariants: `version >= 0`; `0 <= chunk_index < num_chunks`; `blob` is a safetensors file (its own
-    frame) whose `checksum_algo` checksum is `checksum`; the `num_chunks` blobs of one version hold
-    `num_tensors` distinct tensors in total. With `fp8`, linear weights are float8_e4m3fn with a float32
+    Invariants: `version >= 0`; `0 <= chunk_index < num_chunks`; `blob` is a safetensors file (sent as
+    one or more segments, a frame each: the first holds the whole header, no tensor straddles two) whose
+    `checksum_algo` checksum is `checksum`; the `num_chunks` blobs of one version hold `num_tensors` distinct tensors in total. With `fp8`, linear weights are float8_e4m3fn with a float32
     `<name>_scale_inv` per `fp8_block` x `fp8_block` tile; otherwise `fp8_block` is 0.
 
     `publish_id` (unsigned 64-bit) names one publish: the sender draws it at random from the OS (never
@@ -350,15 +353,21 @@ class WeightUpdate(_Message):
     chunk_index: int
     num_chunks: int
     num_tensors: int
-    blob: Buffer
+    blob: Segments   # a single buffer given here is taken as one segment
     checksum: int
     checksum_algo: str
     fp8: bool = False
     fp8_block: int = 0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.blob, bytes | bytearray | memoryview):
+            self.blob = [self.blob]
+
     def validate(self) -> None:
         _check(self.version >= 0, f"version must be >= 0, got {self.version}")
         _check(0 <= self.publish_id < 1 << 64, "publish_id must be an unsigned 64-bit integer")
+        _check(isinstance(self.blob, list) and len(self.blob) >= 1, "blob must be one or more segments")
         _check(0 <= self.chunk_index < self.num_chunks,
                f"chunk_index {self.chunk_index} is outside 0..num_chunks-1 ({self.num_chunks})")
         _check(self.num_tensors >= 1, f"num_tensors must be >= 1, got {self.num_tensors}")

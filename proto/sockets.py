@@ -216,14 +216,15 @@ def start_authenticator(ctx: zmq.Context, allowed_clients_dir: str | None = None
 
 # ---------------------------------------------------------------- sending and receiving
 def send_message(sock: zmq.Socket, msg: Message, *, identity: bytes | None = None,
-                 topic: bytes | None = None) -> Any:
-    """Encode and send (zero-copy). Returns what send_multipart returns: await it on asyncio sockets."""
+                 topic: bytes | None = None, track: bool = False) -> Any:
+    """Encode and send (zero-copy). Returns what send_multipart returns (await it on asyncio sockets): with
+    `track`, a `zmq.MessageTracker` whose `done` turns true once zmq no longer reads the frames' memory."""
     frames = encode(msg)
     if topic is not None:
         frames.insert(0, topic)
     if identity is not None:
         frames.insert(0, identity)
-    return sock.send_multipart(frames, copy=False)
+    return sock.send_multipart(frames, copy=False, track=track)
 
 
 @dataclass
@@ -290,6 +291,10 @@ class WeightPublisher:
     (which waits for a stream in progress to end), and clears `hold` once the new version is published;
     nothing is served meanwhile (requests stay pending). With
     `keep_blobs=True` it is served as soon as the subscription arrives.
+
+    Zero copy: without kept blobs, chunks VIEW the live weights (`WeightSender`), and zmq may still be reading
+    them after `send` returns (queued for a slow subscriber). Sends are tracked, and `hold_weights()` also
+    waits until zmq has released every frame, so a step never changes weights that are still going out.
     """
 
     def __init__(self, sock: zmq.asyncio.Socket, sender: WeightSender, log: logging.Logger | None = None):
@@ -301,18 +306,28 @@ class WeightPublisher:
         self.hold = False  # the live weights are ahead of the last published version (see above)
         self.full_waits = 0  # sends that found a subscriber's pipe full and waited
         self._lock = asyncio.Lock()
+        self._in_flight: list[zmq.MessageTracker] = []  # sends whose frames may view the live weights
 
     async def hold_weights(self) -> None:
-        """Set `hold` once no stream is going out (one may still be reading the live weights)."""
+        """Set `hold` once no stream is going out and zmq has let go of every frame viewing the live weights."""
         async with self._lock:
             self.hold = True
+            delay = 0.0005
+            while self._in_flight:
+                self._in_flight = [t for t in self._in_flight if not t.done]
+                if self._in_flight:
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 0.02)
 
     async def send(self, msg: Message, topic: bytes) -> None:
         """Send one chunk, waiting (not failing) while a subscriber's pipe is at its high-water mark."""
         delay = 0.001
+        live = not self.sender.keep_blobs  # kept chunks own their memory; otherwise they may view the weights
         while True:
             try:
-                await send_message(self.sock, msg, topic=topic)
+                tracker = await send_message(self.sock, msg, topic=topic, track=live)
+                if live and tracker is not None:
+                    self._in_flight.append(tracker)
                 return
             except zmq.Again:
                 self.full_waits += 1

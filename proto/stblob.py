@@ -8,21 +8,28 @@ both directions. Why not call the library for every chunk: measured on this mach
 each tensor once into a preallocated buffer (~memcpy speed), and `safetensors.torch.load` needs `bytes`
 (a copy of the received frame) where `read_blob` returns tensors that view the frame's memory.
 
+Segments (`write_segments`): a blob can also travel as several buffers whose concatenation is the file,
+each large tensor its own segment viewing the tensor's memory, so the sender copies nothing of it; zmq sends
+each segment as a frame (`copy=False`). The checksum is of the concatenation either way. Measured on this
+machine (weightsync bench, 256 MiB bf16 over ipc): the copy removed was ~25 ms of the sender's ~85 ms of CPU.
+
 Checksums: xxh3_64 (~18 GB/s on one core, needs the `xxhash` package) when importable, else zlib crc32
 (~2.4 GB/s; blake2b measured ~1.1 GB/s). The chunk names its algorithm so both ends agree.
 
-    blob = write_blob([("w", w_bf16)]); tensors = read_blob(memoryview(blob))
+    blob = write_blob([("w", w_bf16)]); tensors, meta = read_blob(blob)
+    segs = write_segments([("w", w_bf16)], borrow=lambda i: True); tensors, meta = read_blob(segs)
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import struct
 import sys
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,13 +56,23 @@ def default_checksum_algo() -> str:
 
 
 def checksum(buf: Any, algo: str) -> int:
-    """Unsigned checksum of a bytes-like object with the named algorithm."""
+    """Unsigned checksum, with the named algorithm, of a bytes-like object or of the concatenation of a list
+    of them (segments; computed piece by piece, the same value as over the joined bytes)."""
+    segs = buf if isinstance(buf, list | tuple) else [buf]
     if algo == "xxh3_64":
         if xxhash is None:
             raise ProtocolError("chunk uses xxh3_64 checksums but the xxhash package is not installed here")
-        return int(xxhash.xxh3_64_intdigest(buf))
+        if len(segs) == 1:
+            return int(xxhash.xxh3_64_intdigest(segs[0]))
+        h = xxhash.xxh3_64()
+        for s in segs:
+            h.update(s)
+        return int(h.intdigest())
     if algo == "crc32":
-        return zlib.crc32(buf)
+        c = 0
+        for s in segs:
+            c = zlib.crc32(s, c)
+        return c
     raise ProtocolError(f"unknown checksum algorithm {algo!r}")
 
 
@@ -108,36 +125,102 @@ class BlobPool:
         return fresh.data[:nbytes]
 
 
+BORROW_MIN_BYTES = 1 << 20
+"""Tensors at least this large are sent as their own segment (a view of the tensor, no copy) when the caller
+allows it; smaller ones are copied, runs of them into one segment: below ~1 MiB a frame of its own costs more
+(one zmq message part, one allocation on the receiver) than the copy it saves."""
+
+
 def write_blob(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
                pool: BlobPool | None = None) -> memoryview:
-    """One safetensors file in a fresh (or recycled) buffer; each tensor is copied exactly once.
+    """One safetensors file in one fresh (or recycled) buffer; each tensor is copied exactly once."""
+    (blob,) = write_segments(tensors, metadata, pool)
+    return blob
 
-    Tensors are laid out by decreasing element size so every tensor starts aligned to its element size.
+
+def write_segments(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
+                   pool: BlobPool | None = None, borrow: Callable[[int], bool] | None = None) -> list[memoryview]:
+    """One safetensors file as SEGMENTS: buffers whose concatenation is the file, each tensor wholly inside one.
+
+    Tensors are laid out by decreasing element size, so every tensor starts aligned to its element size (in
+    the file and in its segment). A contiguous CPU tensor `i` (index into `tensors`) of at least
+    `BORROW_MIN_BYTES` for which `borrow(i)` is true becomes a segment that VIEWS its memory (zero copy: the
+    caller must leave it unchanged until the segment has been sent); everything else, the header included, is
+    copied once into (pooled) buffers, consecutive copies into one segment. Without `borrow` the result is a
+    single segment: the whole file in one buffer.
     """
-    ordered = sorted(tensors, key=lambda nt: -nt[1].element_size())
-    raw, offsets = blob_header([(n, tuple(t.shape), t.dtype) for n, t in ordered], metadata)
-    data_start = 8 + len(raw)
-    nbytes = data_start + (offsets[-1][1] if offsets else 0)
-    buf = pool.alloc(nbytes) if pool is not None else np.empty(nbytes, dtype=np.uint8).data
-    buf[:8] = struct.pack("<Q", len(raw))
-    buf[8:data_start] = raw
-    for (_, t), (b, e) in zip(ordered, offsets):
-        if e > b:
-            dst = torch.frombuffer(buf, dtype=torch.uint8, count=e - b, offset=data_start + b)
-            dst.copy_(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8))
-    return buf
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i][1].element_size())
+    raw, offsets = blob_header([(tensors[i][0], tuple(tensors[i][1].shape), tensors[i][1].dtype) for i in order],
+                               metadata)
+    lent = [borrow is not None and (e - b) >= BORROW_MIN_BYTES and borrow(i) and tensors[i][1].is_contiguous()
+            and tensors[i][1].device.type == "cpu" for i, (b, e) in zip(order, offsets)]
+    # Runs: (copy?, [positions in `order`]); the header starts the first copied run.
+    runs: list[tuple[bool, list[int]]] = [(False, [])]
+    for k, is_lent in enumerate(lent):
+        if is_lent:
+            runs.append((True, [k]))
+        elif runs[-1][0]:
+            runs.append((False, [k]))
+        else:
+            runs[-1][1].append(k)
+    segments: list[memoryview] = []
+    for is_lent, ks in runs:
+        if is_lent:
+            t = tensors[order[ks[0]]][1].detach()
+            segments.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            continue
+        head = b"" if segments else struct.pack("<Q", len(raw)) + raw
+        start = offsets[ks[0]][0] if ks else 0
+        size = len(head) + sum(offsets[k][1] - offsets[k][0] for k in ks)
+        if not size:
+            continue
+        buf = pool.alloc(size) if pool is not None else np.empty(size, dtype=np.uint8).data
+        buf[:len(head)] = head
+        for k in ks:
+            (b, e), t = offsets[k], tensors[order[k]][1]
+            if e > b:
+                dst = torch.frombuffer(buf, dtype=torch.uint8, count=e - b, offset=len(head) + b - start)
+                dst.copy_(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8))
+        segments.append(buf)
+    return segments
+
+
+def _segment_view(segs: list[memoryview], starts: list[int], begin: int, end: int) -> tuple[memoryview, int] | None:
+    """(segment, offset in it) holding file bytes [begin, end), or None if they straddle segments."""
+    j = bisect.bisect_right(starts, begin) - 1
+    if j < 0 or end > starts[j] + segs[j].nbytes:
+        return None
+    return segs[j], begin - starts[j]
+
+
+def _bytes_view(buf: Any) -> memoryview:
+    try:
+        return memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
+    except TypeError:
+        raise ProtocolError(f"blob segment of type {type(buf).__name__} is not a contiguous buffer") from None
 
 
 def read_blob(buf: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (viewing `buf`'s memory, no copy) and metadata of a safetensors blob, strictly checked:
-    anything malformed (shapes included: `messages.check_shape`) raises ProtocolError and nothing else."""
-    mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
-    size = mv.nbytes
+    """Tensors (viewing the memory of `buf`, no copy) and metadata of a safetensors blob, strictly checked:
+    anything malformed (shapes included: `messages.check_shape`) raises ProtocolError and nothing else.
+    `buf` is a bytes-like object or a list of segments (`write_segments`): the first holds the length prefix
+    and the whole JSON header, and no tensor may straddle two segments."""
+    segs = [_bytes_view(b) for b in (buf if isinstance(buf, list | tuple) else [buf])]
+    if not segs:
+        raise ProtocolError("safetensors blob has no segments")
+    mv, size = segs[0], sum(s.nbytes for s in segs)
+    starts = [0]
+    for s in segs[:-1]:
+        starts.append(starts[-1] + s.nbytes)
     if size < 8:
         raise ProtocolError(f"safetensors blob of {size} bytes is shorter than its 8-byte length prefix")
+    if mv.nbytes < 8:
+        raise ProtocolError(f"the first blob segment ({mv.nbytes} bytes) is shorter than the length prefix")
     (hlen,) = struct.unpack("<Q", mv[:8])
     if hlen > min(size - 8, _MAX_HEADER):
         raise ProtocolError(f"safetensors header length {hlen} does not fit a {size}-byte blob")
+    if hlen > mv.nbytes - 8:
+        raise ProtocolError(f"safetensors header of {hlen} bytes does not fit the first segment ({mv.nbytes} bytes)")
     try:
         header = json.loads(bytes(mv[8:8 + hlen]))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -166,10 +249,13 @@ def read_blob(buf: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                                 f"{offs[1] - offs[0]} data bytes")
         spans.append((offs[0], offs[1], name))
         numel = math.prod(shape)
+        where = _segment_view(segs, starts, data_start + offs[0], data_start + offs[1]) if numel else (mv, 0)
+        if where is None:
+            raise ProtocolError(f"tensor {name!r:.100}: its bytes straddle two blob segments")
         try:  # check_shape made this safe; a torch error must still not escape as anything but ProtocolError
             with warnings.catch_warnings():  # read-only buffers (bytes) warn; received zmq frames are writable
                 warnings.simplefilter("ignore", UserWarning)
-                t = (torch.frombuffer(mv, dtype=dtype, count=numel, offset=data_start + offs[0]) if numel
+                t = (torch.frombuffer(where[0], dtype=dtype, count=numel, offset=where[1]) if numel
                      else torch.empty(0, dtype=dtype))
             out[name] = t.reshape(shape)
         except (ValueError, TypeError, RuntimeError, OverflowError, MemoryError) as e:

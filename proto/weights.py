@@ -51,7 +51,7 @@ from minirl_async.proto.stblob import (
     default_checksum_algo,
     read_blob,
     tensor_nbytes,
-    write_blob,
+    write_segments,
 )
 
 StateFn = Callable[[], Iterable[tuple[str, torch.Tensor]]]
@@ -123,7 +123,7 @@ class _Plan:
     buckets: list[list[_Piece]]  # what each chunk holds
     num_tensors: int  # whole tensors on the wire (a quantised weight counts twice: weight + scale)
     checksums: list[int] = field(default_factory=list)
-    blobs: list[memoryview] = field(default_factory=list)
+    blobs: list[list[memoryview]] = field(default_factory=list)
 
 
 def _default_fp8_filter(name: str) -> bool:
@@ -249,16 +249,18 @@ class WeightSender:
                     "answer WeightsRequests between steps or use keep_blobs=True")
             yield msg
 
-    def _message(self, plan: _Plan, index: int, blob: memoryview, csum: int) -> WeightUpdate:
+    def _message(self, plan: _Plan, index: int, blob: list[memoryview], csum: int) -> WeightUpdate:
         return WeightUpdate(version=plan.version, publish_id=plan.publish_id, chunk_index=index,
                             num_chunks=len(plan.buckets), num_tensors=plan.num_tensors, blob=blob, checksum=csum,
                             checksum_algo=self.checksum_algo, fp8=self.fp8_block > 0, fp8_block=self.fp8_block)
 
-    def _serialise(self, plan: _Plan, state_fn: StateFn) -> Iterator[tuple[WeightUpdate, memoryview]]:
+    def _serialise(self, plan: _Plan, state_fn: StateFn) -> Iterator[tuple[WeightUpdate, list[memoryview]]]:
         it = iter(state_fn())
-        current, wire_tensors = -1, {}  # the source tensor being sent (its pieces may span chunks)
+        current = -1  # the source tensor being sent (its pieces may span chunks)
+        wire_tensors: dict[str, tuple[torch.Tensor, bool]] = {}
         for index, bucket in enumerate(plan.buckets):
             tensors: list[tuple[str, torch.Tensor]] = []
+            lend: list[bool] = []
             splits: dict[str, list] = {}
             for piece in bucket:
                 while current < piece.source:
@@ -271,17 +273,21 @@ class WeightSender:
                     if name != spec.name or tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
                         raise ValueError(f"state yielded {name} {tuple(t.shape)} {t.dtype} where the plan has "
                                          f"{spec.name} {spec.shape} {spec.dtype}; state_fn must be deterministic")
-                    wire_tensors = dict(self._wire_tensors(spec, t))
-                t = wire_tensors[piece.wire.name]
+                    made = self._wire_tensors(spec, t)
+                    wire_tensors = {n: (x, x is not t) for n, x in made}
+                t, fresh = wire_tensors[piece.wire.name]
                 if piece.rows is not None:
                     t = t[piece.rows[0]:piece.rows[1]]
                     splits[piece.name] = [piece.wire.name, piece.rows[0], piece.rows[1], piece.wire.shape[0]]
                 tensors.append((piece.name, t))
+                # Zero copy for tensors made here (cast, quantised); the live state's own tensors too unless
+                # the chunks are kept for later resends (which must not change when the state does).
+                lend.append(fresh or not self.keep_blobs)
             meta = chunk_metadata(plan.version, plan.publish_id, index, len(plan.buckets), plan.num_tensors,
                                   self.fp8_block)
             if splits:
                 meta[SPLIT_KEY] = json.dumps(splits)
-            blob = write_blob(tensors, meta, self._pool)
+            blob = write_segments(tensors, meta, self._pool, borrow=lend.__getitem__)
             yield self._message(plan, index, blob, checksum(blob, self.checksum_algo)), blob
         if next(it, None) is not None:
             raise ValueError("state yielded more tensors than planned; state_fn must be deterministic")

@@ -343,7 +343,12 @@ class LearnerHub:
         fp8_block = cfg.model.fp8_block_size if cfg.sampler.fp8 else 0
         # Several ranks: re-serialising for a late joiner would be a collective walk on rank 0 alone, so the
         # published chunks are kept instead.
-        sender = WeightSender(int(net.weight_chunk_mb * (1 << 20)), fp8_block=fp8_block,
+        import torch
+
+        # The embedded engine computes in its compute dtype: sending the other tensors (norms, embeddings,
+        # everything without FP8) in bf16 rather than as fp32 master weights halves their bytes, same numbers.
+        wire_dtype = torch.bfloat16 if cfg.sampler.engine == "torch_fp8" and cfg.sampler.compute_dtype == "bf16" else None
+        sender = WeightSender(int(net.weight_chunk_mb * (1 << 20)), fp8_block=fp8_block, dtype=wire_dtype,
                               keep_blobs=net.weight_keep_blobs or self.dist is not None)
         publisher = WeightPublisher(pub, sender, self.log)
         await self.publish(publisher, self.controller.version)

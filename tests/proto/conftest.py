@@ -51,6 +51,9 @@ def all_messages(seed: int = 0) -> list:
         ScoredGroup.from_rollout(rollout, np.array([1.0, 0.0, 0.5], np.float32), {"grader": "exact"}, ["timeout"]),
         WeightUpdate(version=3, publish_id=(1 << 64) - 1, chunk_index=1, num_chunks=2, num_tensors=5, blob=bytes(range(256)) * 3,
                      checksum=(1 << 64) - 1, checksum_algo="crc32", fp8=True, fp8_block=128),
+        WeightUpdate(version=4, publish_id=7, chunk_index=0, num_chunks=1, num_tensors=2,
+                     blob=[bytes(range(256)), np.arange(5000, dtype=np.uint8).data, bytearray(b"tail")],   # segments
+                     checksum=1, checksum_algo="xxh3_64"),
         WeightsRequest(sampler_id="s1", have_version=2),
         Heartbeat(sender="grader-0", role="grader", seq=9, time_s=1.7e9),
         Shutdown(sender="launcher", reason="done"),

@@ -188,8 +188,8 @@ def test_descriptor_rank_and_dims_are_bounded(rollout_frames):
         decode(_with_header(rollout_frames, edit))
     big = WeightUpdate(version=0, publish_id=0, chunk_index=0, num_chunks=1, num_tensors=1, blob=b"",
                        checksum=0, checksum_algo="crc32")
-    frames = _with_header(_frames(big), lambda h: h["blob"].update(shape=[2**31]))
-    with pytest.raises(ProtocolError, match=r"blob: every dimension must be in \[0, 2\*\*31\)"):
+    frames = _with_header(_frames(big), lambda h: h["blob"][0].update(shape=[2**31]))
+    with pytest.raises(ProtocolError, match=r"blob\.0: every dimension must be in \[0, 2\*\*31\)"):
         decode(frames)
 
 
@@ -314,7 +314,7 @@ def _chunks(version, seed=0, chunk_bytes=256):
 
 def test_weight_chunk_with_bad_checksum():
     msgs = _chunks(1)
-    blob = bytearray(msgs[0].blob)
+    blob = bytearray(b"".join(msgs[0].blob))
     blob[-1] ^= 0xFF
     bad = WeightUpdate(**{**msgs[0].__dict__, "blob": blob})
     recv = WeightReceiver()
@@ -337,7 +337,7 @@ def _huge_version(msg, corrupt_blob):
     """`msg` with version 10**9 in its header (the header is not covered by the checksum)."""
     frames = _frames(msg)
     if corrupt_blob:
-        i = msgpack.unpackb(frames[0], raw=False)["blob"]["frame"]
+        i = msgpack.unpackb(frames[0], raw=False)["blob"][0]["frame"]
         blob = bytearray(frames[i])
         blob[len(blob) // 2] ^= 0x10
         frames[i] = bytes(blob)

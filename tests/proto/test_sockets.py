@@ -169,7 +169,7 @@ async def test_weights_end_to_end_with_late_joiner_bad_and_old_chunks(transport,
                 for p in state.values():
                     p.add_(0.5)
                 v3_chunks = list(publisher.sender.publish(3, lambda: state.items()))
-                bad = bytearray(v2_chunks[0].blob)
+                bad = bytearray(b"".join(v2_chunks[0].blob))
                 bad[len(bad) // 2] ^= 1
                 corrupted = WeightUpdate(**{**v2_chunks[0].__dict__, "blob": bad})
                 for m in [corrupted, v2_chunks[0], v3_chunks[0], v2_chunks[1], *v3_chunks[1:]]:
@@ -275,7 +275,7 @@ async def test_publisher_serves_requests_only_when_subscribed_behind_and_idle():
     sent = []
 
     class FakeSock:
-        async def send_multipart(self, frames, copy=False):
+        async def send_multipart(self, frames, copy=False, track=False):
             sent.append(frames[0])
 
     state = _state(3)
@@ -322,13 +322,49 @@ async def test_publish_waits_for_a_slow_subscriber_instead_of_failing(tcp_addr):
         ctx.destroy(linger=0)
 
 
+@pytest.mark.parametrize("keep_blobs", [False, True])
+async def test_hold_waits_until_zmq_lets_go_of_frames_viewing_the_live_weights(tcp_addr, keep_blobs):
+    # Without kept blobs, large live tensors go out as zero-copy frames: a step must not change them while a
+    # slow subscriber's pipe still holds them. hold_weights() waits for zmq to release every frame; with kept
+    # blobs the chunks own their memory and nothing is waited for.
+    ctx = zmq.asyncio.Context()
+    opts = SocketOptions(linger_ms=0, heartbeat_s=0.5, weights_hwm=16)
+    try:
+        publisher = WeightPublisher(weights_pub(ctx, tcp_addr, opts),
+                                    WeightSender(chunk_bytes=2 << 20, keep_blobs=keep_blobs))
+        sub = weights_sub(ctx, tcp_addr, "slow", SocketOptions(linger_ms=0, heartbeat_s=0.5, weights_hwm=1))
+        sub.setsockopt(zmq.RCVBUF, 1 << 16)
+        async with _task(publisher.run_subscriptions()):
+            await _until(lambda: publisher.subscribed)
+            # 2 MiB tensors, one frame each: more than the subscriber's queue and the kernel's buffers hold,
+            # fewer than the publisher's high-water mark (so publish() returns with chunks still queued)
+            state = {f"w{i}": torch.randn(512, 1024) for i in range(12)}
+            expected = {k: v.clone() for k, v in state.items()}
+            assert await asyncio.wait_for(publisher.publish(1, lambda: state.items()), 10) == 12
+            hold = asyncio.create_task(publisher.hold_weights())
+            await asyncio.sleep(0.3)
+            assert hold.done() == keep_blobs       # the subscriber has read nothing yet
+            receiver, complete = WeightReceiver(), []
+            while not complete:
+                frames = await asyncio.wait_for(sub.recv_multipart(copy=False), 10)
+                out = receiver.feed(decode(frames[1:]))
+                if out is not None:
+                    complete.append(out)
+            await asyncio.wait_for(hold, 10)
+            for v in state.values():            # the step may now change the weights
+                v.zero_()
+        assert all(torch.equal(complete[0].tensors[k], v) for k, v in expected.items())
+    finally:
+        ctx.destroy(linger=0)
+
+
 async def test_concurrent_serving_serves_each_request_once_and_waits_out_a_hold():
     from minirl_async.proto.sockets import personal_topic
 
     sent: list[bytes] = []
 
     class SlowSock:
-        async def send_multipart(self, frames, copy=False):
+        async def send_multipart(self, frames, copy=False, track=False):
             await asyncio.sleep(0.01)   # lets the other caller run mid-stream
             sent.append(frames[0])
 
@@ -354,7 +390,7 @@ async def test_hold_waits_for_a_stream_in_progress_and_busy_callers_do_not_queue
     sent: list[bytes] = []
 
     class SlowSock:
-        async def send_multipart(self, frames, copy=False):
+        async def send_multipart(self, frames, copy=False, track=False):
             await asyncio.sleep(0.01)
             sent.append(frames[0])
 

@@ -65,7 +65,7 @@ def test_tensors_larger_than_a_chunk_travel_in_row_pieces():
              "model.norm.weight": torch.randn(16, generator=g)}
     sender = WeightSender(chunk_bytes=700, fp8_block=16)
     msgs = list(sender.publish(1, lambda: state.items()))
-    assert all(m.blob.nbytes < 700 + 600 for m in msgs)  # payload <= chunk_bytes, plus the JSON header
+    assert all(sum(map(len, m.blob)) < 700 + 600 for m in msgs)  # payload <= chunk_bytes, plus the JSON header
     assert msgs[0].num_tensors == 4
     out = _run(msgs[::-1], WeightReceiver())
     assert _identical(out.tensors["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
@@ -318,7 +318,7 @@ def test_blob_metadata_repeats_the_header():
         meta = read_blob(m.blob)[1]
         assert {k: meta[k] for k in chunk_metadata(0, 0, 0, 1, 1, 0)} == chunk_metadata(
             m.version, m.publish_id, m.chunk_index, m.num_chunks, m.num_tensors, m.fp8_block)
-        assert safetensors.torch.load(bytes(m.blob))  # still a standard safetensors file
+        assert safetensors.torch.load(b"".join(m.blob))  # still a standard safetensors file
 
 
 def test_unknown_blob_metadata_is_refused():
@@ -335,3 +335,55 @@ def test_unknown_blob_metadata_is_refused():
     with pytest.raises(ProtocolError, match=r"unexpected blob metadata key\(s\) \['note'\]"):
         recv.feed(msg)
     assert recv.pending_version is None
+
+
+# ---------------------------------------------------------------- segments: zero-copy chunks
+def _big_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(9)
+    return {"a.weight": torch.randn(1024, 640, generator=g),                       # 2.5 MiB fp32: lent
+            "b.weight": torch.randn(700, 1024, generator=g).to(torch.bfloat16),    # 1.4 MiB bf16: lent
+            "norm.weight": torch.rand(640, generator=g)}                           # small: copied
+
+
+@pytest.mark.parametrize("algo", ["crc32", "xxh3_64"])
+def test_segments_view_large_tensors_and_form_the_same_file(algo):
+    from minirl_async.proto.stblob import checksum, write_segments
+
+    items = list(_big_state().items())
+    segs = write_segments(items, {"k": "v"}, borrow=lambda i: True)
+    whole = write_blob(items, {"k": "v"})
+    joined = b"".join(segs)
+    assert len(segs) == 4 and joined == bytes(whole)            # header | a | norm | b: byte for byte the file
+    assert checksum(segs, algo) == checksum(whole, algo)
+    ptrs = {torch.frombuffer(s, dtype=torch.uint8).data_ptr() for s in segs}
+    assert {t.data_ptr() for n, t in items if n != "norm.weight"} <= ptrs   # no copy of the large ones
+    tensors, meta = read_blob(segs)
+    assert meta == {"k": "v"} and all(_identical(tensors[n], t) for n, t in items)
+    assert all(_identical(safetensors.torch.load(joined)[n], t) for n, t in items)
+    assert len(write_segments(items, None, borrow=lambda i: False)) == 1     # nothing lent: one buffer
+
+
+def test_segments_that_split_a_tensor_or_the_header_are_refused():
+    whole = bytes(write_blob(list(_big_state().items())))
+    hlen = int.from_bytes(whole[:8], "little")
+    with pytest.raises(ProtocolError, match="straddle"):
+        read_blob([whole[:8 + hlen + 1000], whole[8 + hlen + 1000:]])
+    with pytest.raises(ProtocolError, match="first segment"):
+        read_blob([whole[:20], whole[20:]])
+    with pytest.raises(ProtocolError, match="no segments"):
+        read_blob([])
+
+
+@pytest.mark.parametrize("keep_blobs", [False, True])
+def test_sender_lends_live_tensors_only_without_kept_blobs(keep_blobs):
+    state = _big_state()
+    sender = WeightSender(chunk_bytes=4 << 20, keep_blobs=keep_blobs, dtype=torch.bfloat16)
+    msgs = list(sender.publish(1, lambda: state.items()))
+    ptrs = {torch.frombuffer(s, dtype=torch.uint8).data_ptr() for m in msgs for s in m.blob}
+    # b.weight is live bf16 (sent as it is): viewed only when chunks are not kept; a.weight is cast to bf16
+    # by the sender (its own fresh tensor): always viewed.
+    assert (state["b.weight"].data_ptr() in ptrs) == (not keep_blobs)
+    assert len(msgs[0].blob) == (4 if not keep_blobs else 3)      # header | a | b | norm, or header | a | b+norm
+    out = _run(msgs)
+    assert _identical(out.tensors["b.weight"], state["b.weight"])
+    assert _identical(out.tensors["a.weight"], state["a.weight"].to(torch.bfloat16))
