@@ -2,7 +2,8 @@
 
     minirl-async bench weightsync [--quick] --json
 
-End to end = plan + serialise into safetensors chunks + checksum + XPUB send -> SUB receive in a
+End to end = plan + serialise into safetensors chunks (the header copied, each 8 MiB tensor a zero-copy
+segment viewing the state, as the learner sends its own tensors) + checksum + XPUB send -> SUB receive in a
 separate process (spawned, so it shares nothing) + checksum verify + blob parse + tensor-set check +
 assembly, timed from the first serialisation to the receiver's acknowledgement that the whole version is
 in. Baseline in the same run: a single-process memcpy of the same tensors into preallocated buffers
