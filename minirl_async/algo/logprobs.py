@@ -4,8 +4,11 @@ The learner computes `log softmax(logits / temperature)` at the sampled tokens (
 `temperature` = `sampler.temperature`, 1 when sampling greedily). With bf16 (or fp16) hidden states and
 weight, the LM head matmul and the softmax run in float32 on upcast operands (no bf16 rounding of the
 logits). A `[B, T, V]` logits tensor (plus the softmax for the backward) is the largest activation of an
-LLM step, so the LM head runs on `chunk` tokens at a time; with gradients and more than one chunk, each chunk is checkpointed, so
-only the hidden states are kept for the backward and one chunk of logits is live at any time.
+LLM step, so the LM head runs on `chunk` tokens at a time. With gradients, `_LogprobFn` keeps only the hidden
+states and `logsumexp` per token for the backward, which recomputes one chunk of logits at a time and writes
+`d logp / d logits = onehot - softmax` in place (one matmul and ~4 kernels per chunk, where checkpointing
+plus autograd re-ran the whole forward and ~10 kernels of log-softmax/gather backward). The entropy with
+gradients (not used by the learner: it is a no-grad metric) keeps the checkpointed autograd path.
 
     logp_BT, ent_BT = chunked_logprobs(hidden_BTD, lm_head.weight, targets_BT, temperature=1.0, chunk=1024,
                                        with_entropy=True)
@@ -14,6 +17,8 @@ Legend: B batch, T tokens, D hidden, V vocab, N flattened tokens.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -38,6 +43,60 @@ def _chunk_fn(h_ND: torch.Tensor, w_VD: torch.Tensor, y_N: torch.Tensor, inv_tem
     return logp_N, ent_N
 
 
+def _logits(h_ND: torch.Tensor, w_VD: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """One chunk of logits in at least float32 (see `_chunk_fn`); the same ops and roundings."""
+    if h_ND.dtype not in (torch.float32, torch.float64):
+        h_ND, w_VD = h_ND.float(), w_VD.float()
+    logits_NV = torch.nn.functional.linear(h_ND, w_VD)
+    return logits_NV if inv_temp == 1.0 else logits_NV.mul_(inv_temp)   # x * 1.0 == x: skipped
+
+
+class _LogprobFn(torch.autograd.Function):
+    """`log softmax(h @ w.T * inv_temp)` at the targets, chunked over tokens, with a written-out backward:
+    d logp_n / d logits_n = onehot(y_n) - softmax_n, so per chunk
+    `G = inv_temp * g[:, None] * (onehot - p)`, `dh = G @ w`, `dw += G.T @ h` (p from the recomputed logits
+    and the saved logsumexp). The forward is `_chunk_fn`'s (bit-identical log-probs)."""
+
+    @staticmethod
+    def forward(ctx: Any, h_ND: torch.Tensor, w_VD: torch.Tensor, y_N: torch.Tensor, inv_temp: float,
+                chunk: int) -> torch.Tensor:
+        N = h_ND.shape[0]
+        cdt = torch.float64 if h_ND.dtype == torch.float64 else torch.float32
+        logp_N, logz_N = h_ND.new_empty(N, dtype=cdt), h_ND.new_empty(N, dtype=cdt)
+        for s in range(0, N, chunk):
+            logits_NV = _logits(h_ND[s:s + chunk], w_VD, inv_temp)
+            lz_N = torch.logsumexp(logits_NV, dim=-1, out=logz_N[s:s + chunk])
+            torch.sub(logits_NV.gather(-1, y_N[s:s + chunk, None]).squeeze(-1), lz_N, out=logp_N[s:s + chunk])
+        ctx.save_for_backward(h_ND, w_VD, y_N, logz_N)
+        ctx.inv_temp, ctx.chunk = inv_temp, chunk
+        return logp_N
+
+    @staticmethod
+    def backward(ctx: Any, g_N: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h_ND, w_VD, y_N, logz_N = ctx.saved_tensors
+        inv_temp, chunk = ctx.inv_temp, ctx.chunk
+        need_h, need_w = ctx.needs_input_grad[:2]
+        cdt = logz_N.dtype
+        w_c = w_VD.to(cdt)
+        gh_ND = torch.empty_like(h_ND, dtype=cdt) if need_h else None
+        gw_VD = torch.zeros_like(w_VD, dtype=cdt) if need_w else None
+        g_N = g_N.to(cdt)
+        for s in range(0, h_ND.shape[0], chunk):
+            h_c = h_ND[s:s + chunk].to(cdt)
+            # p = softmax, then G = -g * p, G[n, y_n] += g_n, times inv_temp (the chain rule of the scaling)
+            G_NV = _logits(h_c, w_c, inv_temp).sub_(logz_N[s:s + chunk, None]).exp_()
+            g_c = g_N[s:s + chunk, None]
+            G_NV.mul_(-g_c).scatter_add_(1, y_N[s:s + chunk, None], g_c)
+            if inv_temp != 1.0:
+                G_NV.mul_(inv_temp)
+            if gh_ND is not None:
+                torch.mm(G_NV, w_c, out=gh_ND[s:s + chunk])
+            if gw_VD is not None:
+                gw_VD.addmm_(G_NV.t(), h_c)
+        return (gh_ND.to(h_ND.dtype) if gh_ND is not None else None,
+                gw_VD.to(w_VD.dtype) if gw_VD is not None else None, None, None, None)
+
+
 def chunked_logprobs(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, targets_BT: torch.Tensor,
                      temperature: float = 1.0, chunk: int = 1024,
                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -52,10 +111,12 @@ def chunked_logprobs(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, targets_
     h_ND = hidden_BTD.reshape(B * T, D)
     y_N = targets_BT.reshape(B * T).long()
     inv_temp = 1.0 / temperature
+    needs_grad = torch.is_grad_enabled() and (hidden_BTD.requires_grad or weight_VD.requires_grad)
+    if needs_grad and not with_entropy:
+        return _LogprobFn.apply(h_ND, weight_VD, y_N, inv_temp, chunk).view(B, T), None
     # One chunk: checkpointing would only add a recompute (the rest of the model's activations are live
     # until the backward anyway), so it is used from two chunks on.
-    grad = (torch.is_grad_enabled() and (hidden_BTD.requires_grad or weight_VD.requires_grad)
-            and B * T > chunk)
+    grad = needs_grad and B * T > chunk
     lps, ents = [], []
     for s in range(0, B * T, chunk):
         args = (h_ND[s:s + chunk], weight_VD, y_N[s:s + chunk], inv_temp, with_entropy)

@@ -94,3 +94,52 @@ def test_bf16_head_is_computed_in_fp32():
     assert float((bf16_logits - ref).abs().max()) > 1e-3   # the rounding the fp32 head avoids
     lp.sum().backward()
     assert h.grad is not None and h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprob_fn_gradients(chunk, temperature):
+    # the written-out backward of the log-prob path (no entropy): gradcheck in fp64 and the same values and
+    # gradients as the unchunked autograd expression; fp32 log-probs bit-identical to the entropy path
+    from minirl_async.algo.logprobs import _LogprobFn
+
+    g = torch.Generator().manual_seed(3)
+    B, T, D, V = 2, 5, 6, 11
+    h = torch.randn(B, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (B, T), generator=g)
+    assert torch.autograd.gradcheck(lambda h, w: _LogprobFn.apply(h, w, y.view(-1), 1 / temperature, chunk),
+                                    (h.view(B * T, D), w))
+    lp, ent = chunked_logprobs(h, w, y, temperature=temperature, chunk=chunk)
+    assert ent is None
+    cot = torch.randn(B, T, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((lp * cot).sum(), (h, w))
+    ref_lp = torch.log_softmax(h @ w.T / temperature, -1).gather(-1, y[..., None]).squeeze(-1)
+    ref = torch.autograd.grad((ref_lp * cot).sum(), (h, w))
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    h32, w32 = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    lp32, _ = chunked_logprobs(h32, w32, y, temperature=temperature, chunk=chunk)
+    with torch.no_grad():
+        lp32_ent, _ = chunked_logprobs(h32, w32, y, temperature=temperature, chunk=chunk, with_entropy=True)
+    assert torch.equal(lp32.detach(), lp32_ent)
+    # only the weight needs a gradient (hidden from a frozen trunk)
+    lp_w, _ = chunked_logprobs(h.detach(), w, y, temperature=temperature, chunk=chunk)
+    torch.testing.assert_close(torch.autograd.grad((lp_w * cot).sum(), w)[0], ref[1], rtol=1e-12, atol=1e-12)
+
+
+def test_logprob_fn_bf16():
+    # bf16 hidden and weight: fp32 log-probs, bf16 gradients close to the checkpointed autograd path's
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(3, 5, 16, generator=g).bfloat16().requires_grad_(True)
+    w = torch.randn(40, 16, generator=g).bfloat16().requires_grad_(True)
+    y = torch.randint(0, 40, (3, 5), generator=g)
+    lp, _ = chunked_logprobs(h, w, y, temperature=0.7, chunk=4)
+    lp_ref, _ = chunked_logprobs(h, w, y, temperature=0.7, chunk=4, with_entropy=True)
+    assert lp.dtype == torch.float32 and torch.equal(lp.detach(), lp_ref.detach())
+    got = torch.autograd.grad(lp.sum(), (h, w))
+    ref = torch.autograd.grad(lp_ref.sum(), (h, w))
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
