@@ -31,9 +31,10 @@ the compute dtype, as in SGLang's FP8 Qwen3-MoE. `fp8=False` keeps plain weights
 Measured gap to the bf16 learner (tests/engine, tiny model, block 8, 256 sampled tokens): mean |delta
 logprob| 0.034, KL(mu || pi) 9e-4 nats/token; without FP8 the bf16 engine's gap is 0.003 and ~0.
 
-Speed (bench sampler, 1 CPU thread, bf16, batch 16): ~2x Hugging Face `generate()` on the same weights,
-route capture costs ~0-3%. The decode step is bound by per-op dispatch cost (~10-20 us per small CPU op,
-~45 ops per layer), not by flops or weight traffic; fast_decode.py lists what was tried.
+Speed (bench sampler, 1 CPU thread, bf16, batch 16): ~2-2.5x Hugging Face `generate()` on the same
+weights, route capture costs ~0-3%. The decode step is bound by per-op cost (~5-20 us per small CPU op,
+~25 ops per layer), not by flops or weight traffic; fast_decode.py lists what was tried. Sampling takes a
+shorter path when no active row is greedy or truncated (`sampling.sample_tokens(plain=True)`).
 
 Legend: B active rows, T tokens, S key positions, V vocab, L MoE layers, K top-k, P prompt, R response.
 """
@@ -84,6 +85,7 @@ class _Seq:
     max_new: int
     stop: frozenset[int]
     t_submit: float
+    plain: bool       # temperature > 0 and no top-p/top-k truncation (sampling's fast path)
     t_start: float = 0.0
     n_gen: int = 0
 
@@ -274,10 +276,13 @@ class TorchFP8Engine:
             p = req.params
             out.append([None] * p.n)
             base = p.seed if p.seed is not None else self._seed_rng.getrandbits(63)
+            # (the temperature as the engine stores it: float32, where a tiny one is 0, i.e. greedy)
+            plain = (float(torch.tensor(p.temperature, dtype=torch.float32)) > 0 and p.top_p >= 1
+                     and not 0 < p.top_k < self.cfg.vocab_size)
             for j in range(p.n):
                 queue.append(_Seq(r, j, prompt, p, random.Random(base + j),
                                   min(p.max_new_tokens, self.max_context - len(prompt)),
-                                  frozenset(p.stop_token_ids), t0))
+                                  frozenset(p.stop_token_ids), t0, plain))
         self._enter()
         try:
             with torch.inference_mode():
@@ -368,13 +373,14 @@ class TorchFP8Engine:
         """Sample the next token of active[rows], record it, finish sequences, compact the slots."""
         seqs = active[rows]
         u_B = torch.tensor([s.rng.random() for s in seqs], dtype=torch.float64, device=self.device)
-        tok_B, logp_B = sample_tokens(logits_BV, self._temp[rows], self._top_p[rows], self._top_k[rows], u_B)
+        tok_B, logp_B = sample_tokens(logits_BV, self._temp[rows], self._top_p[rows], self._top_k[rows], u_B,
+                                      plain=all(s.plain for s in seqs))
         tok_cpu = tok_B.cpu()
-        gen_B = torch.tensor([s.n_gen for s in seqs])
-        slots_B = torch.arange(rows.start, rows.stop)
-        self._tok[slots_B, gen_B] = tok_cpu
-        self._logp[slots_B, gen_B] = logp_B.cpu()
-        self._ver[slots_B, gen_B] = self._weights_version
+        # (slot, n_gen) of each row as a flat index: index_copy_ costs less than advanced-index assignment
+        at_B = torch.tensor([(rows.start + i) * self.max_context + s.n_gen for i, s in enumerate(seqs)])
+        self._tok.view(-1).index_copy_(0, at_B, tok_cpu)
+        self._logp.view(-1).index_copy_(0, at_B, logp_B.cpu())
+        self._ver.view(-1).index_fill_(0, at_B, self._weights_version)
         self._last[rows] = tok_B
         if advance:   # decode: the sampled token goes one position further (prefill set P already)
             self._pos[rows] += 1
