@@ -292,9 +292,10 @@ class WeightPublisher:
     nothing is served meanwhile (requests stay pending). With
     `keep_blobs=True` it is served as soon as the subscription arrives.
 
-    Zero copy: without kept blobs, chunks VIEW the live weights (`WeightSender`), and zmq may still be reading
-    them after `send` returns (queued for a slow subscriber). Sends are tracked, and `hold_weights()` also
-    waits until zmq has released every frame, so a step never changes weights that are still going out.
+    Zero copy: without kept blobs, chunks may VIEW the live weights (`WeightSender.views_live`: tensors sent in
+    the dtype they are kept in), and zmq may still be reading them after `send` returns (queued for a slow
+    subscriber). Those sends are tracked, and `hold_weights()` also waits until zmq has released every such
+    frame, so a step never changes weights that are still going out.
     """
 
     def __init__(self, sock: zmq.asyncio.Socket, sender: WeightSender, log: logging.Logger | None = None):
@@ -322,7 +323,7 @@ class WeightPublisher:
     async def send(self, msg: Message, topic: bytes) -> None:
         """Send one chunk, waiting (not failing) while a subscriber's pipe is at its high-water mark."""
         delay = 0.001
-        live = not self.sender.keep_blobs  # kept chunks own their memory; otherwise they may view the weights
+        live = self.sender.views_live  # this chunk (the sender's last) views the live weights: track it
         while True:
             try:
                 tracker = await send_message(self.sock, msg, topic=topic, track=live)

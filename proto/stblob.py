@@ -147,13 +147,13 @@ def write_segments(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[s
     `BORROW_MIN_BYTES` for which `borrow(i)` is true becomes a segment that VIEWS its memory (zero copy: the
     caller must leave it unchanged until the segment has been sent); everything else, the header included, is
     copied once into (pooled) buffers, consecutive copies into one segment. Without `borrow` the result is a
-    single segment: the whole file in one buffer.
+    single segment: the whole file in one buffer. `borrow` is asked only about tensors that can be viewed.
     """
     order = sorted(range(len(tensors)), key=lambda i: -tensors[i][1].element_size())
     raw, offsets = blob_header([(tensors[i][0], tuple(tensors[i][1].shape), tensors[i][1].dtype) for i in order],
                                metadata)
-    lent = [borrow is not None and (e - b) >= BORROW_MIN_BYTES and borrow(i) and tensors[i][1].is_contiguous()
-            and tensors[i][1].device.type == "cpu" for i, (b, e) in zip(order, offsets)]
+    lent = [borrow is not None and (e - b) >= BORROW_MIN_BYTES and tensors[i][1].is_contiguous()
+            and tensors[i][1].device.type == "cpu" and borrow(i) for i, (b, e) in zip(order, offsets)]
     # Runs: (copy?, [positions in `order`]); the header starts the first copied run.
     runs: list[tuple[bool, list[int]]] = [(False, [])]
     for k, is_lent in enumerate(lent):

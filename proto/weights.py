@@ -42,6 +42,7 @@ import json
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from minirl_async.proto.messages import ProtocolError, WeightUpdate
@@ -161,6 +162,7 @@ class WeightSender:
         self._plan: _Plan | None = None  # the last completely published version
         self._state_fn: StateFn | None = None
         self.publishing = False  # a publish() generator is running
+        self.views_live = False  # the chunk last yielded views the live state (see publish())
         # Recycled chunk buffers (kept blobs are never recycled: they stay referenced).
         self._pool = BlobPool() if not keep_blobs else None
 
@@ -214,7 +216,13 @@ class WeightSender:
     def publish(self, version: int, state_fn: StateFn, specs: Iterable[TensorSpec] | None = None
                 ) -> Iterator[WeightUpdate]:
         """Chunks of `version`. `state_fn()` yields (name, tensor) in a fixed order; without `specs` it is
-        called once more, first, to read names/shapes/dtypes (cheap for live parameters)."""
+        called once more, first, to read names/shapes/dtypes (cheap for live parameters).
+
+        Zero copy: a chunk's large tensors are segments VIEWING the tensors `state_fn` yielded, or the sender's
+        own cast/quantised copies of them. Without `keep_blobs`, `views_live` is true after yielding a chunk that
+        views the yielded tensors themselves: they must then stay unchanged (and not be reused as buffers by
+        `state_fn`) until zmq has sent that chunk (`WeightPublisher` tracks the sends and `hold_weights()`
+        waits for them). With `keep_blobs` such tensors are copied into the kept chunk instead."""
         if self._plan is not None and version <= self._plan.version:
             raise ValueError(f"version {version} is not newer than the last published {self._plan.version}")
         if specs is None:
@@ -260,7 +268,7 @@ class WeightSender:
         wire_tensors: dict[str, tuple[torch.Tensor, bool]] = {}
         for index, bucket in enumerate(plan.buckets):
             tensors: list[tuple[str, torch.Tensor]] = []
-            lend: list[bool] = []
+            fresh_flags: list[bool] = []
             splits: dict[str, list] = {}
             for piece in bucket:
                 while current < piece.source:
@@ -280,17 +288,27 @@ class WeightSender:
                     t = t[piece.rows[0]:piece.rows[1]]
                     splits[piece.name] = [piece.wire.name, piece.rows[0], piece.rows[1], piece.wire.shape[0]]
                 tensors.append((piece.name, t))
-                # Zero copy for tensors made here (cast, quantised); the live state's own tensors too unless
-                # the chunks are kept for later resends (which must not change when the state does).
-                lend.append(fresh or not self.keep_blobs)
+                fresh_flags.append(fresh)
             meta = chunk_metadata(plan.version, plan.publish_id, index, len(plan.buckets), plan.num_tensors,
                                   self.fp8_block)
             if splits:
                 meta[SPLIT_KEY] = json.dumps(splits)
-            blob = write_segments(tensors, meta, self._pool, borrow=lend.__getitem__)
+            lent_live: list[int] = []
+            blob = write_segments(tensors, meta, self._pool, borrow=partial(self._borrow, fresh_flags, lent_live))
+            self.views_live = bool(lent_live)
             yield self._message(plan, index, blob, checksum(blob, self.checksum_algo)), blob
         if next(it, None) is not None:
             raise ValueError("state yielded more tensors than planned; state_fn must be deterministic")
+
+    def _borrow(self, fresh: list[bool], lent_live: list[int], i: int) -> bool:
+        """May chunk tensor `i` be a zero-copy segment? Tensors made here (cast, quantised): yes; the live
+        state's own: yes unless chunks are kept for later resends (those must not change with the state)."""
+        if fresh[i]:
+            return True
+        if self.keep_blobs:
+            return False
+        lent_live.append(i)
+        return True
 
     def _wire_tensors(self, spec: TensorSpec, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         wire = self._wire_specs(spec)

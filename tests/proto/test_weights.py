@@ -383,7 +383,19 @@ def test_sender_lends_live_tensors_only_without_kept_blobs(keep_blobs):
     # b.weight is live bf16 (sent as it is): viewed only when chunks are not kept; a.weight is cast to bf16
     # by the sender (its own fresh tensor): always viewed.
     assert (state["b.weight"].data_ptr() in ptrs) == (not keep_blobs)
+    assert sender.views_live == (not keep_blobs)      # the publisher tracks sends of such chunks
     assert len(msgs[0].blob) == (4 if not keep_blobs else 3)      # header | a | b | norm, or header | a | b+norm
     out = _run(msgs)
     assert _identical(out.tensors["b.weight"], state["b.weight"])
     assert _identical(out.tensors["a.weight"], state["a.weight"].to(torch.bfloat16))
+
+
+def test_chunks_of_cast_or_quantised_tensors_never_view_the_live_state():
+    state = {k: v.float() for k, v in _big_state().items()}
+    cast = WeightSender(chunk_bytes=4 << 20, dtype=torch.bfloat16)
+    msgs = list(cast.publish(1, lambda: state.items()))
+    assert not cast.views_live and len(msgs[0].blob) > 1      # zero copy, of the sender's own bf16 copies only
+    fp8 = WeightSender(chunk_bytes=4 << 20, fp8_block=32, dtype=torch.bfloat16,
+                       fp8_filter=lambda name: name != "norm.weight")
+    list(fp8.publish(1, lambda: state.items()))
+    assert not fp8.views_live
