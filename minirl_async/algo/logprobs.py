@@ -59,17 +59,18 @@ class _LogprobFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h_ND: torch.Tensor, w_VD: torch.Tensor, y_N: torch.Tensor, inv_temp: float,
-                chunk: int) -> torch.Tensor:
+                chunk: int, out_shape: tuple[int, ...]) -> torch.Tensor:
         N = h_ND.shape[0]
         cdt = torch.float64 if h_ND.dtype == torch.float64 else torch.float32
-        logp_N, logz_N = h_ND.new_empty(N, dtype=cdt), h_ND.new_empty(N, dtype=cdt)
+        logp, logz_N = h_ND.new_empty(out_shape, dtype=cdt), h_ND.new_empty(N, dtype=cdt)
+        logp_N = logp.view(N)
         for s in range(0, N, chunk):
             logits_NV = _logits(h_ND[s:s + chunk], w_VD, inv_temp)
             lz_N = torch.logsumexp(logits_NV, dim=-1, out=logz_N[s:s + chunk])
             torch.sub(logits_NV.gather(-1, y_N[s:s + chunk, None]).squeeze(-1), lz_N, out=logp_N[s:s + chunk])
         ctx.save_for_backward(h_ND, w_VD, y_N, logz_N)
         ctx.inv_temp, ctx.chunk = inv_temp, chunk
-        return logp_N
+        return logp   # shaped here, not a view of the output (FSDP2 warns about modules returning views)
 
     @staticmethod
     def backward(ctx: Any, g_N: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -80,7 +81,7 @@ class _LogprobFn(torch.autograd.Function):
         w_c = w_VD.to(cdt)
         gh_ND = torch.empty_like(h_ND, dtype=cdt) if need_h else None
         gw_VD = torch.zeros_like(w_VD, dtype=cdt) if need_w else None
-        g_N = g_N.to(cdt)
+        g_N = g_N.reshape(-1).to(cdt)
         for s in range(0, h_ND.shape[0], chunk):
             h_c = h_ND[s:s + chunk].to(cdt)
             # p = softmax, then G = -g * p, G[n, y_n] += g_n, times inv_temp (the chain rule of the scaling)
@@ -94,7 +95,7 @@ class _LogprobFn(torch.autograd.Function):
             if gw_VD is not None:
                 gw_VD.addmm_(G_NV.t(), h_c)
         return (gh_ND.to(h_ND.dtype) if gh_ND is not None else None,
-                gw_VD.to(w_VD.dtype) if gw_VD is not None else None, None, None, None)
+                gw_VD.to(w_VD.dtype) if gw_VD is not None else None, None, None, None, None)
 
 
 def chunked_logprobs(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, targets_BT: torch.Tensor,
@@ -113,7 +114,7 @@ def chunked_logprobs(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, targets_
     inv_temp = 1.0 / temperature
     needs_grad = torch.is_grad_enabled() and (hidden_BTD.requires_grad or weight_VD.requires_grad)
     if needs_grad and not with_entropy:
-        return _LogprobFn.apply(h_ND, weight_VD, y_N, inv_temp, chunk).view(B, T), None
+        return _LogprobFn.apply(h_ND, weight_VD, y_N, inv_temp, chunk, (B, T)), None
     # One chunk: checkpointing would only add a recompute (the rest of the model's activations are live
     # until the backward anyway), so it is used from two chunks on.
     grad = needs_grad and B * T > chunk

@@ -108,7 +108,7 @@ def test_logprob_fn_gradients(chunk, temperature):
     h = torch.randn(B, T, D, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, V, (B, T), generator=g)
-    assert torch.autograd.gradcheck(lambda h, w: _LogprobFn.apply(h, w, y.view(-1), 1 / temperature, chunk),
+    assert torch.autograd.gradcheck(lambda h, w: _LogprobFn.apply(h, w, y.view(-1), 1 / temperature, chunk, (B, T)),
                                     (h.view(B * T, D), w))
     lp, ent = chunked_logprobs(h, w, y, temperature=temperature, chunk=chunk)
     assert ent is None
