@@ -128,7 +128,8 @@ def _train_sft(cfg: Config, out_dir: str | Path | None, progress: bool) -> dict[
             seq_acc = right_BT.all(-1).float().mean().item()
         for k, v in (("loss", loss.item()), ("tok", tok_acc), ("seq", seq_acc)):
             ema[k] = v if k not in ema else 0.9 * ema[k] + 0.1 * v
-        bar.set_postfix(loss=f"{ema['loss']:.3f}", tok=f"{ema['tok']:.3f}", seq=f"{ema['seq']:.2f}", lr=f"{lr:.1e}")
+        bar.set_postfix(loss=f"{ema['loss']:.3f}", tok=f"{ema['tok']:.3f}", seq=f"{ema['seq']:.2f}", lr=f"{lr:.1e}",
+                        refresh=False)   # shown at the next refresh (in a log: a line every few seconds)
     else:
         step = s.steps
     bar.close()

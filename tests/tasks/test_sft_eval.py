@@ -73,3 +73,17 @@ def test_accuracy_figures_count_partial_credit_as_a_miss():
     # 2 prompts x k=2: prompt 0 gets [0.5, 0.5] (partial credit only), prompt 1 gets [1.0, 0.0]
     got = accuracy([1.0, 0.5], [0.5, 0.5, 1.0, 0.0], k=2)
     assert got == {"greedy_acc": 0.5, "pass@1": 0.25, "pass@2": 0.5, "reward_mean": 0.5}
+
+
+def test_sft_progress_in_a_log_is_a_line_every_few_seconds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # stderr is not a terminal here: the bar must print a line per refresh interval (10 s), not per step
+    # (the per-step loss postfix used to force a redraw: 400 lines for a 2-minute quickstart SFT)
+    import time
+
+    from minirl_async.tasks.sft import train_sft
+
+    cfg = load_config(None, [*MICRO, "data.sft.steps=40"])
+    t0 = time.monotonic()
+    train_sft(cfg, tmp_path / "ck", progress=True)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("sft")]
+    assert 2 <= len(lines) <= 2 + (time.monotonic() - t0) / 10 and "40/40" in lines[-1] and "loss=" in lines[-1]
