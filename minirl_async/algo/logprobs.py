@@ -128,4 +128,7 @@ def chunked_logprobs(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, targets_
         lps.append(lp_N)
         ents.append(ent_N)
     logp_BT = torch.cat(lps).view(B, T)
-    return logp_BT, (torch.cat(ents).view(B, T) if with_entropy else None)
+    ent_BT = torch.cat(ents).view(B, T) if with_entropy else None
+    if needs_grad:   # not views of the flat results (FSDP2 warns about modules returning views); B*T floats
+        logp_BT, ent_BT = logp_BT.clone(), ent_BT.clone() if ent_BT is not None else None
+    return logp_BT, ent_BT

@@ -227,21 +227,26 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * weight
 
-        # 3. proximal pass (per micro-batch; results kept by identity of the Batch object)
+        # 3. proximal pass (per micro-batch; results kept by identity of the Batch object). The first
+        # minibatch's updates run at theta_old itself, so their forward (with gradients) doubles as its
+        # proximal pass (`proximal` below, called from the update loop): one forward per token saved, the
+        # same numbers (the forward is deterministic, and RECORD routing computes what free routing does).
         prox: dict[int, torch.Tensor] = {}
         replay: dict[int, torch.Tensor | None] = {}
-        n_resp = n_valid = 0.0
-        self.policy.eval()
-        with torch.no_grad():
-            for b in flat:
-                rt = Routing("replay", replay_BTLK=b.routes_BTLK) if replay_mode == "r3" else Routing("record")
-                lp_BT, ent_BT = self._logprobs(b, rt, with_entropy=True)
-                assert ent_BT is not None
-                prox[id(b)] = lp_BT
-                nt, nv = float(b.response_mask_BT.sum()), float(b.valid_BT.sum())
-                n_resp, n_valid = n_resp + nt, n_valid + nv
-                acc(train_infer_kl(lp_BT, b.rollout_logprobs_BT, b.response_mask_BT), nt)
-                acc({"policy/entropy": float((ent_BT.double() * b.response_mask_BT).sum()) / max(nt, 1)}, nt)
+        counts = [0.0, 0.0]   # response tokens, valid tokens
+
+        def proximal(b: Batch) -> torch.Tensor:
+            """Log-probs at theta_old (with gradients when called in the update loop) and the pass's metrics."""
+            rt = Routing("replay", replay_BTLK=b.routes_BTLK) if replay_mode == "r3" else Routing("record")
+            lp_BT, ent_BT = self._logprobs(b, rt, with_entropy=True)
+            assert ent_BT is not None
+            prox[id(b)] = lp_BT.detach()
+            nt, nv = float(b.response_mask_BT.sum()), float(b.valid_BT.sum())
+            counts[0], counts[1] = counts[0] + nt, counts[1] + nv
+            with torch.no_grad():
+                acc(train_infer_kl(prox[id(b)], b.rollout_logprobs_BT, b.response_mask_BT), nt)
+                acc({"policy/entropy": float((ent_BT.detach().double() * b.response_mask_BT).sum()) / max(nt, 1)},
+                    nt)
                 if has_routes:
                     assert b.routes_BTLK is not None
                     if replay_mode == "r3":
@@ -250,8 +255,14 @@ class Trainer:
                     assert rt.recorded_BTLK is not None
                     acc(routing_agreement(rt.recorded_BTLK, b.routes_BTLK, b.valid_BT,
                                           self.mcfg.moe_layer_ids), nv)
-                replay[id(b)] = {"none": None, "r2": rt.recorded_BTLK if replay_mode == "r2" else None,
-                                 "r3": b.routes_BTLK}[replay_mode]
+            replay[id(b)] = {"none": None, "r2": rt.recorded_BTLK if replay_mode == "r2" else None,
+                             "r3": b.routes_BTLK}[replay_mode]
+            return lp_BT
+
+        self.policy.eval()
+        with torch.no_grad():
+            for b in flat[len(minibatches[0]):]:
+                proximal(b)
 
         def routing_of(b: Batch) -> Routing | None:
             r = replay[id(b)]
@@ -271,7 +282,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss_local = 0.0
             for b in mbs:
-                lp_BT, _ = self._logprobs(b, routing_of(b))
+                lp_BT = proximal(b) if k == 0 else self._logprobs(b, routing_of(b))[0]
                 loss, m = compute_policy_loss(lp_BT, prox[id(b)], b.rollout_logprobs_BT, b.advantages_B,
                                               b.response_mask_BT, self.loss_cfg, num_seqs=n_seq, num_tokens=n_tok)
                 # FSDP averages gradients over ranks; scaling by world turns that average into the global sum.
@@ -303,7 +314,7 @@ class Trainer:
                 lp_BT, _ = self._logprobs(b, routing_of(b))
                 acc(staleness_kl(lp_BT, prox[id(b)], b.response_mask_BT), float(b.num_tokens))
         self.version += 1
-        return self._finish_metrics(sums, n_resp, n_valid, losses, grad_norms, lrs,
+        return self._finish_metrics(sums, counts[0], counts[1], losses, grad_norms, lrs,
                                     self.skipped_updates - skipped_before, time.perf_counter() - t0)
 
     def _finish_metrics(self, sums: dict[str, float], n_resp: float, n_valid: float, losses: list[float],
