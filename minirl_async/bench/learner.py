@@ -18,8 +18,8 @@ wall clock; figures are medians. Tokens = B*T forwarded and back-propagated per 
   from wall-clock medians (noisier here);
 - `ours_<dt>_tok_s`, `hf_<dt>_tok_s` (CPU time) and `..._wall_tok_s` for fp32 and bf16 (bf16: parameters,
   compute and AdamW in bf16, the same for both sides; the learner itself keeps fp32 master weights);
-- `ours_step_tok_s`: the whole `Trainer.train_step` (proximal pass, update, staleness pass: about 3
-  forwards + 1 backward per token) in fp32, CPU time, for reference.
+- `ours_step_tok_s`: the whole `Trainer.train_step` (here N = 1: the update, whose forward is also the
+  proximal pass, and the staleness pass: 2 forwards + 1 backward per token) in fp32, CPU time, for reference.
 """
 
 from __future__ import annotations

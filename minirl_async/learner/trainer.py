@@ -20,9 +20,11 @@ One step, for `replay_mode` in {"none", "r2", "r3"} (ALGORITHM.md §5):
    cispo, see algo.advantages);
 2. split the groups IN THE GIVEN ORDER into N = len(groups) / minibatch_groups minibatches (no shuffle:
    the order is the controller's, so minibatch k and the lag metrics agree, and runs are reproducible);
-3. proximal forward of every minibatch without gradients: RECORD (none, r2) or REPLAY the sampler's routes
-   (r3); log pi_prox, full-vocabulary entropy, train-inference KL; routing agreement learner vs sampler from
-   a free-routing forward (the RECORD pass itself for none/r2, one extra forward for r3);
+3. proximal forward of every minibatch: RECORD (none, r2) or REPLAY the sampler's routes (r3); log pi_prox,
+   full-vocabulary entropy, train-inference KL; routing agreement learner vs sampler from a free-routing
+   forward (the RECORD pass itself for none/r2, one extra forward for r3). Minibatches 2..N without
+   gradients before any update; minibatch 1's is its update's own forward (it runs at theta_old: the same
+   numbers, and a RECORD forward computes what free routing does), which saves a forward per token;
 4. N updates: forward with the replayed routes (r2: recorded, r3: sampler's; none: free), loss, backward,
    global-norm clip, AdamW, lr schedule. A non-finite loss or gradient norm skips the update (weights and
    optimizer state unchanged) and counts it in `train/skipped_updates`;

@@ -295,6 +295,16 @@ async def test_publisher_serves_requests_only_when_subscribed_behind_and_idle():
     assert not pub.subscribed
 
 
+async def _receive_version(sub):
+    """Read chunks from `sub` until one version is complete; that version's WeightSet."""
+    receiver = WeightReceiver()
+    while True:
+        frames = await asyncio.wait_for(sub.recv_multipart(copy=False), 10)
+        out = receiver.feed(decode(frames[1:]))
+        if out is not None:
+            return out
+
+
 async def test_publish_waits_for_a_slow_subscriber_instead_of_failing(tcp_addr):
     # More chunks than the weights high-water mark while the subscriber does not read: the publish waits
     # (an asyncio XPUB with NODROP reports a full pipe as zmq.Again) and every chunk arrives, in order.
@@ -310,14 +320,9 @@ async def test_publish_waits_for_a_slow_subscriber_instead_of_failing(tcp_addr):
             task = asyncio.create_task(publisher.publish(1, lambda: state.items()))
             await asyncio.sleep(0.5)
             assert not task.done() and publisher.full_waits > 0   # blocked at the mark, not failed
-            receiver, complete = WeightReceiver(), []
-            while not complete:
-                frames = await asyncio.wait_for(sub.recv_multipart(copy=False), 10)
-                out = receiver.feed(decode(frames[1:]))
-                if out is not None:
-                    complete.append(out)
+            got = await _receive_version(sub)
             assert await asyncio.wait_for(task, 10) == 96
-        assert all(torch.equal(complete[0].tensors[k], v) for k, v in state.items())
+        assert all(torch.equal(got.tensors[k], v) for k, v in state.items())
     finally:
         ctx.destroy(linger=0)
 
@@ -344,16 +349,11 @@ async def test_hold_waits_until_zmq_lets_go_of_frames_viewing_the_live_weights(t
             hold = asyncio.create_task(publisher.hold_weights())
             await asyncio.sleep(0.3)
             assert hold.done() == keep_blobs       # the subscriber has read nothing yet
-            receiver, complete = WeightReceiver(), []
-            while not complete:
-                frames = await asyncio.wait_for(sub.recv_multipart(copy=False), 10)
-                out = receiver.feed(decode(frames[1:]))
-                if out is not None:
-                    complete.append(out)
+            got = await _receive_version(sub)
             await asyncio.wait_for(hold, 10)
             for v in state.values():            # the step may now change the weights
                 v.zero_()
-        assert all(torch.equal(complete[0].tensors[k], v) for k, v in expected.items())
+        assert all(torch.equal(got.tensors[k], v) for k, v in expected.items())
     finally:
         ctx.destroy(linger=0)
 
