@@ -10,21 +10,11 @@ import random
 
 import pytest
 import torch
+from engine_testkit import chi_square_pvalue
 
 from minirl_async.engine.sampling import sample_tokens
 
 # B rows, V vocab
-
-
-def chi_square_pvalue(counts_V: torch.Tensor, probs_V: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit over the tokens with positive expected mass."""
-    n = counts_V.sum()
-    support = probs_V > 0
-    assert int(counts_V[~support].sum()) == 0, "a zero-probability token was sampled"
-    expected = n * probs_V[support]
-    stat = ((counts_V[support] - expected) ** 2 / expected).sum()
-    df = int(support.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat.double() / 2))
 
 
 def reference_probs(logits_V: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:

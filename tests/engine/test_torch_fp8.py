@@ -1,76 +1,27 @@
 """The embedded engine against plain references, in float64 with FP8 off unless the test is about FP8.
 
 Reference decode = full recompute: the model's own forward over prompt + tokens so far, no cache, one token
-at a time. Routes reference = one RECORD forward of the model over prompt + response[:-1].
+at a time. Routes reference = one RECORD forward of the model over prompt + response[:-1]. Weight updates,
+pause and interruption: test_torch_fp8_updates.py; shared pieces: engine_testkit.py.
 
     pytest tests/engine/test_torch_fp8.py -q
 """
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
+from engine_testkit import PROMPTS, chi_square_pvalue, engine64, model64, reference_decode, tiny
 
 from minirl_async.config import Config
-from minirl_async.engine.base import GenerateRequest, SamplingParams, WeightUpdateError, make_engine
+from minirl_async.engine.base import GenerateRequest, SamplingParams, make_engine
 from minirl_async.engine.torch_fp8 import TorchFP8Engine
 from minirl_async.models.config import ModelConfig
-from minirl_async.models.fp8 import quantize_state
 from minirl_async.models.hf_io import iter_hf_state
 from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM
 from minirl_async.models.routing import Routing
 
 # B batch, T tokens, V vocab, L MoE layers, K top-k
-
-
-def tiny() -> ModelConfig:
-    # layer 1 dense, layers 0 and 2 MoE: routes have L = 2 entries, and the dense path is exercised
-    return ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                       num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1], max_position_embeddings=40)
-
-
-def model64(cfg: ModelConfig, seed: int = 0, std: float = 0.3) -> Qwen3MoeForCausalLM:
-    torch.manual_seed(seed)
-    m = Qwen3MoeForCausalLM(cfg).double()
-    with torch.no_grad():  # larger than the 0.02 init so routing and sampling are far from uniform
-        for n, p in m.named_parameters():
-            if not n.endswith("norm.weight"):
-                p.normal_(0, std)
-    return m.requires_grad_(False)
-
-
-def engine64(cfg: ModelConfig, model: Qwen3MoeForCausalLM, **kw: object) -> TorchFP8Engine:
-    eng = TorchFP8Engine(cfg, fp8=False, dtype=torch.float64, **kw)  # type: ignore[arg-type]
-    eng.update_weights(0, iter_hf_state(model))
-    return eng
-
-
-def reference_decode(model: Qwen3MoeForCausalLM, prompt: list[int], tokens: list[int],
-                     temperature: float) -> tuple[list[int], list[float]]:
-    """Greedy continuation and the logprob of each given token, by full recompute."""
-    ids, greedy, logps = list(prompt), [], []
-    for t in tokens:
-        logits = model(torch.tensor([ids]))[0, -1]
-        greedy.append(int(logits.argmax()))
-        T = temperature if temperature > 0 else 1.0
-        logps.append(float(torch.log_softmax(logits / T, -1)[t]))
-        ids.append(t)
-    return greedy, logps
-
-
-def chi_square_pvalue(counts_V: torch.Tensor, probs_V: torch.Tensor) -> float:
-    """Pearson chi-square p-value (same as test_sampling.py; test files cannot import each other)."""
-    expected = counts_V.sum() * probs_V
-    stat = ((counts_V - expected) ** 2 / expected).sum()
-    df = torch.tensor((probs_V.numel() - 1) / 2, dtype=torch.float64)
-    return float(torch.special.gammaincc(df, stat.double() / 2))
-
-
-PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [7, 7, 2, 9, 30]]
 
 
 @pytest.mark.parametrize("packed_decode", [True, False])
@@ -246,29 +197,6 @@ def test_seeded_sampling_in_bf16_is_reproducible_up_to_rounding() -> None:
         assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
 
 
-def test_update_does_not_alias_the_callers_tensors() -> None:
-    """After update_weights the engine owns its weights: changing the model it was loaded from (in place, as
-    an optimizer step does) changes nothing the engine serves. Without FP8 every tensor would otherwise be
-    the caller's (a cast to the same dtype returns its input); with FP8 the norms, embeddings and lm_head."""
-    cfg = tiny()
-    req = [GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=6)) for p in PROMPTS]
-    for fp8, dtype in ((False, torch.float64), (True, torch.float32)):
-        model = model64(cfg, seed=4).to(dtype)
-        eng = TorchFP8Engine(cfg, fp8=fp8, fp8_block=8, dtype=dtype)
-        eng.update_weights(0, iter_hf_state(model))
-        before = eng.generate(req)
-        ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        shared = [n for n, p in eng.model.named_parameters() if p.untyped_storage().data_ptr() in ptrs]
-        assert not shared, (fp8, shared[:5])
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(-1.5)
-        after = eng.generate(req)
-        for a, b in zip(before, after):
-            assert torch.equal(a[0].response_ids, b[0].response_ids), fp8
-            assert torch.equal(a[0].logprobs, b[0].logprobs), fp8
-
-
 def test_engine_token_frequencies_match_softmax() -> None:
     """End to end: 3000 one-token samples of one prompt against softmax(logits / T) of the model."""
     cfg = tiny()
@@ -304,123 +232,6 @@ def test_bad_requests_abort_alone() -> None:
             assert r.finish_reason == "abort" and r.num_tokens == 0 and r.routes is None
             assert r.error is not None and needle in r.error, (needle, r.error)
     assert eng.health()["refused_requests"] == len(bad)
-
-
-def test_bad_weight_updates_refused_and_old_weights_kept() -> None:
-    cfg = tiny()
-    model = model64(cfg)
-    eng = engine64(cfg, model)
-    req = [GenerateRequest([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=8))]
-    before = eng.generate(req)[0][0].response_ids.tolist()
-    good = dict(iter_hf_state(model64(cfg, seed=5)))
-    name = "model.layers.0.self_attn.q_proj.weight"
-    cases = {
-        "missing": {k: v for k, v in good.items() if k != name},
-        "unexpected": {**good, "model.layers.9.foo.weight": torch.zeros(2)},
-        "has shape": {**good, name: good[name][:, :-1]},
-        "non-finite": {**good, name: torch.full_like(good[name], float("nan"))},
-        "is float8 but": {**good, name: good[name].to(torch.float8_e4m3fn)},
-    }
-    for needle, state in cases.items():
-        with pytest.raises(WeightUpdateError, match=needle):
-            eng.update_weights(1, state)
-    for v in (0, -3):
-        with pytest.raises(WeightUpdateError, match="not above"):
-            eng.update_weights(v, good)
-    assert eng.version == 0 and eng.health()["refused_updates"] == len(cases) + 2
-    assert eng.generate(req)[0][0].response_ids.tolist() == before
-    eng.update_weights(1, good)  # a good one still goes through, and changes the output
-    assert eng.version == 1 and eng.generate(req)[0][0].response_ids.tolist() != before
-    eng.reset()
-    eng.update_weights(0, dict(iter_hf_state(model)))  # after a rollback any version is accepted
-    assert eng.generate(req)[0][0].response_ids.tolist() == before
-
-
-def test_fp8_update_forms_agree_and_fp8_greedy_matches_dequantised_model() -> None:
-    cfg = tiny()
-    model = model64(cfg).float()
-    block = 8
-    plain = TorchFP8Engine(cfg, fp8=True, fp8_block=block, dtype=torch.float32)
-    plain.update_weights(0, iter_hf_state(model))
-    pre = TorchFP8Engine(cfg, fp8=True, fp8_block=block, dtype=torch.float32)
-    pre.update_weights(0, quantize_state(iter_hf_state(model), block))  # as the learner publishes
-    for (n, a), b in zip(plain.model.named_parameters(), pre.model.parameters()):
-        assert torch.equal(a, b), n
-    # the FP8 engine is exactly the model with dequantised projections
-    deq = Qwen3MoeForCausalLM(cfg).double().requires_grad_(False)
-    deq.load_state_dict({k: v.double() for k, v in pre.model.state_dict().items()})
-    r = pre.generate([GenerateRequest([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=10))])[0][0]
-    greedy, logps = reference_decode(deq, [1, 2, 3], r.response_ids.tolist(), 0.0)
-    assert r.response_ids.tolist() == greedy
-    assert torch.allclose(r.logprobs.double(), torch.tensor(logps, dtype=torch.float64), atol=1e-4)
-    assert not torch.equal(pre.model.model.layers[0].self_attn.q_proj.weight,
-                           model.model.layers[0].self_attn.q_proj.weight.float())
-
-
-def _update_mid_generation(interruptible: bool) -> tuple[TorchFP8Engine, list]:
-    cfg = tiny()
-    m0, m1 = model64(cfg, seed=0), model64(cfg, seed=1)
-    eng = engine64(cfg, m0, interruptible=interruptible, max_batch_size=4)
-    new = dict(iter_hf_state(m1))
-    steps = {"n": 0}
-    orig = eng._decode
-    updater: list[threading.Thread] = []
-
-    def decode(*a: object) -> None:
-        orig(*a)  # type: ignore[arg-type]
-        steps["n"] += 1
-        if steps["n"] == 3:  # start an update and wait until it is pending: it lands at the next boundary
-            th = threading.Thread(target=eng.update_weights, args=(1, new))
-            th.start()
-            updater.append(th)
-            deadline = time.monotonic() + 30
-            while not eng._swap_pending and time.monotonic() < deadline:
-                time.sleep(0.005)
-
-    eng._decode = decode  # type: ignore[method-assign]
-    reqs = [GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=8)) for p in PROMPTS[:3]]
-    out = eng.generate(reqs)
-    updater[0].join(30)
-    return eng, out
-
-
-def test_interruptible_update_applies_between_steps_with_per_token_versions() -> None:
-    eng, out = _update_mid_generation(interruptible=True)
-    assert eng.version == 1
-    for rolls in out:
-        v = rolls[0].versions.tolist()
-        assert v == sorted(v) and v[0] == 0 and v[-1] == 1, v
-        assert v.count(0) == 4  # prefill token + 3 decode steps with the old weights
-
-
-def test_update_waits_for_the_batch_when_not_interruptible() -> None:
-    eng, out = _update_mid_generation(interruptible=False)
-    assert eng.version == 1
-    assert all(r[0].versions.tolist() == [0] * 8 for r in out)
-
-
-def test_pause_holds_generation_until_resume() -> None:
-    cfg = tiny()
-    eng = engine64(cfg, model64(cfg))
-    eng.pause()
-    result: list = []
-    th = threading.Thread(target=lambda: result.append(eng.generate([GenerateRequest([1], SamplingParams())])))
-    th.start()
-    time.sleep(0.2)
-    assert not result and eng.health()["paused"]
-    eng.update_weights(1, dict(iter_hf_state(model64(cfg, seed=4))))  # updates go through while paused
-    eng.resume()
-    th.join(30)
-    eng.pause()
-    th2 = threading.Thread(target=lambda: result.append(eng.generate([GenerateRequest([1], SamplingParams())])))
-    th2.start()
-    time.sleep(0.1)
-    with pytest.raises(RuntimeError, match="already running"):
-        eng.generate([GenerateRequest([2], SamplingParams())])
-    eng.resume()
-    th2.join(30)
-    v = result[0][0][0].versions.tolist()
-    assert v == [1] * len(v) and len(v) == 40 - 1  # default max_new_tokens 64, capped by the context
 
 
 def test_make_engine_from_config() -> None:
@@ -493,52 +304,6 @@ def test_cpu_bf16_packed_decode_agrees_with_the_model_path() -> None:
     for a, b in zip(*outs):
         n = next((i for i, (x, y) in enumerate(zip(a[0].response_ids, b[0].response_ids)) if x != y), 6)
         assert torch.allclose(a[0].logprobs[:n], b[0].logprobs[:n], atol=3e-2)
-
-
-def test_fp8_weights_that_decode_to_nan_or_inf_are_refused() -> None:
-    """FP8 bytes that encode NaN (0x7F / 0xFF in e4m3fn), or finite bytes whose scale overflows the compute
-    dtype, are refused like any other non-finite update: WeightUpdateError, old weights and version kept."""
-    cfg = tiny()
-    model = model64(cfg).float()
-    eng = TorchFP8Engine(cfg, fp8=True, fp8_block=8, dtype=torch.float32)
-    eng.update_weights(0, quantize_state(iter_hf_state(model), 8))
-    req = [GenerateRequest([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=6))]
-    before = eng.generate(req)[0][0]
-    good = dict(quantize_state(iter_hf_state(model64(cfg, seed=5).float()), 8))
-    name = "model.layers.0.mlp.experts.3.down_proj.weight"
-    nan_bytes = good[name].view(torch.uint8).clone()
-    nan_bytes[2, 5] = 0x7F                      # e4m3fn NaN
-    nan_bytes[0, 0] = 0xFF                      # the negative one
-    big_scale = good[name + "_scale_inv"].clone()
-    big_scale[0, 0] = 3e38                      # finite, but 448 * 3e38 overflows float32
-    for bad in ({**good, name: nan_bytes.view(torch.float8_e4m3fn)}, {**good, name + "_scale_inv": big_scale}):
-        with pytest.raises(WeightUpdateError, match=f"non-finite.*{name}"):
-            eng.update_weights(1, bad)
-        assert eng.version == 0
-    after = eng.generate(req)[0][0]
-    assert after.response_ids.tolist() == before.response_ids.tolist()
-    assert torch.equal(after.logprobs, before.logprobs) and after.versions.tolist() == [0] * 6
-    eng.update_weights(1, good)                  # the engine still takes a good update
-    assert eng.version == 1
-
-
-def test_reset_keeps_serving_the_loaded_weights_and_accepts_any_next_version() -> None:
-    cfg = tiny()
-    model = model64(cfg)
-    eng = engine64(cfg, model)
-    eng.update_weights(5, iter_hf_state(model))
-    req = [GenerateRequest([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=6))]
-    before = eng.generate(req)[0][0]
-    eng.reset()                                   # learner rolled back: forget the number, keep the weights
-    r = eng.generate(req)[0][0]
-    assert r.response_ids.tolist() == before.response_ids.tolist() and r.finish_reason == "length"
-    assert eng.version == -1 and r.versions.tolist() == [5] * 6    # the weights' own version (wire needs >= 0)
-    assert eng.health()["has_weights"] is True
-    eng.update_weights(2, iter_hf_state(model64(cfg, seed=5)))   # below the old 5: accepted after reset
-    assert eng.version == 2
-    assert eng.generate(req)[0][0].versions.tolist() == [2] * 6
-    with pytest.raises(WeightUpdateError, match="not above"):
-        eng.update_weights(2, iter_hf_state(model))
 
 
 def test_sampler_max_context_sizes_the_cache_and_caps_prompts_and_responses() -> None:
