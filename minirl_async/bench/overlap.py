@@ -42,6 +42,17 @@ def _real_available() -> bool:
                for m in ("minirl_async.learner.trainer", "minirl_async.engine.torch_fp8"))
 
 
+def tiny_config_path() -> str:
+    """Absolute path of the repository's configs/tiny.toml: under the working directory, else next to this
+    package's source tree (so the bench runs from any directory of a checkout or an editable install)."""
+    here = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
+    for path in (Path.cwd() / "configs" / "tiny.toml", here):
+        if path.is_file():
+            return str(path)
+    raise FileNotFoundError("bench overlap runs the repository's configs/tiny.toml, found neither under the "
+                            f"working directory nor at {here}: run it from a checkout of minirl-async")
+
+
 def _random_checkpoint(folder: Path) -> str:
     """A randomly initialised tiny model + tokenizer (no SFT: the bench measures time, not accuracy)."""
     from minirl_async.config import load_config
@@ -49,7 +60,7 @@ def _random_checkpoint(folder: Path) -> str:
     from minirl_async.tasks.sft import build_model
     from minirl_async.tasks.tokenizer import load_tokenizer
 
-    cfg = load_config("configs/tiny.toml")
+    cfg = load_config(tiny_config_path())
     tok = load_tokenizer(cfg)
     model, mcfg = build_model(cfg, tok)
     save_hf(model, mcfg, folder)
@@ -64,7 +75,7 @@ def _busy_in(intervals: list[tuple[float, float]], lo: float, hi: float) -> floa
 def _one(mode: str, eta: int, steps: int, root: Path, extra: list[str]) -> dict[str, Any]:
     run_dir = root / mode
     p = _free_ports(4)
-    cmd = [sys.executable, "-m", "minirl_async.cli", "run", "-c", "configs/tiny.toml", f"run.dir={run_dir}",
+    cmd = [sys.executable, "-m", "minirl_async.cli", "run", "-c", tiny_config_path(), f"run.dir={run_dir}",
            f"learner.num_steps={steps}", f"staleness.max_staleness={eta}", "run.progress=false",
            "run.eval_after=false", "learner.checkpoint_every=0",
            f"network.work_addr=tcp://127.0.0.1:{p[0]}", f"network.weights_addr=tcp://127.0.0.1:{p[1]}",

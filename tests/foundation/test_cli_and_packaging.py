@@ -53,6 +53,15 @@ def test_unknown_bench_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown benchmark 'no_such_bench'" in capsys.readouterr().err
 
 
+def test_overlap_bench_finds_its_config_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # it used to open "configs/tiny.toml" relative to the working directory: outside the repo root it failed
+    from minirl_async.bench.overlap import tiny_config_path
+
+    monkeypatch.chdir(tmp_path)
+    path = Path(tiny_config_path())
+    assert path.is_absolute() and path.is_file() and path.name == "tiny.toml"
+
+
 def test_every_package_folder_is_listed_in_pyproject() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {"minirl_async." + ".".join(p.parent.relative_to(ROOT / "minirl_async").parts)

@@ -133,16 +133,20 @@ def test_killing_each_service_loses_and_duplicates_nothing(tmp_path):
                                        + last["pipeline/requeued"] + last["pipeline/ready"])
 
 
-def test_real_tiny_model_end_to_end(tmp_path):
+@pytest.mark.parametrize("sampler", [[], ["sampler.fp8=false", "sampler.compute_dtype=fp32"]],
+                         ids=["fp8-bf16", "fp32"])
+def test_real_tiny_model_end_to_end(tmp_path, sampler):
     """The real engine and trainer (random-init tiny model, no SFT): two steps, contract metrics, final
-    HF export, every trained sample within the staleness bound."""
+    HF export, every trained sample within the staleness bound; also with an fp32 sampler without FP8 (the
+    learner then sends its live fp32 tensors as they are, not casts; zero-copy views of those are tracked
+    until sent, see tests/proto/test_sockets.py: this model's tensors are below the 1 MiB viewing size)."""
     from minirl_async.bench.overlap import _random_checkpoint
 
     ckpt = _random_checkpoint(tmp_path / "init")
     out = run_cli(tmp_path / "run", net_overrides() + [
         f"run.sft_checkpoint={ckpt}", "run.progress=false", "run.eval_after=false", "learner.num_steps=2",
         "learner.groups_per_step=4", "learner.minibatch_groups=2", "algo.group_size=4",
-        "sampler.max_batch_size=16", "sampler.max_new_tokens=16"], timeout=600)
+        "sampler.max_batch_size=16", "sampler.max_new_tokens=16", *sampler], timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1]
