@@ -235,7 +235,6 @@ class Trainer:
         # same numbers (the forward is deterministic, and RECORD routing computes what free routing does).
         prox: dict[int, torch.Tensor] = {}
         replay: dict[int, torch.Tensor | None] = {}
-        counts = [0.0, 0.0]   # response tokens, valid tokens
 
         def proximal(b: Batch) -> torch.Tensor:
             """Log-probs at theta_old (with gradients when called in the update loop) and the pass's metrics."""
@@ -244,7 +243,6 @@ class Trainer:
             assert ent_BT is not None
             prox[id(b)] = lp_BT.detach()
             nt, nv = float(b.response_mask_BT.sum()), float(b.valid_BT.sum())
-            counts[0], counts[1] = counts[0] + nt, counts[1] + nv
             with torch.no_grad():
                 acc(train_infer_kl(prox[id(b)], b.rollout_logprobs_BT, b.response_mask_BT), nt)
                 acc({"policy/entropy": float((ent_BT.detach().double() * b.response_mask_BT).sum()) / max(nt, 1)},
@@ -316,7 +314,9 @@ class Trainer:
                 lp_BT, _ = self._logprobs(b, routing_of(b))
                 acc(staleness_kl(lp_BT, prox[id(b)], b.response_mask_BT), float(b.num_tokens))
         self.version += 1
-        return self._finish_metrics(sums, counts[0], counts[1], losses, grad_norms, lrs,
+        n_resp = sum(float(b.response_mask_BT.sum()) for b in flat)
+        n_valid = sum(float(b.valid_BT.sum()) for b in flat)
+        return self._finish_metrics(sums, n_resp, n_valid, losses, grad_norms, lrs,
                                     self.skipped_updates - skipped_before, time.perf_counter() - t0)
 
     def _finish_metrics(self, sums: dict[str, float], n_resp: float, n_valid: float, losses: list[float],

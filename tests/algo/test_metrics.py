@@ -30,14 +30,19 @@ def test_kl_estimators_match_loops():
     assert train_infer_kl(prox, prox, mask) == {"kl/train_infer_k1": 0.0, "kl/train_infer_k3": 0.0}
 
 
+def _head_case(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp64 hidden [2, 5, 6] and LM head [11, 6] needing gradients, and targets [2, 5]."""
+    h = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    return h, w, torch.randint(0, 11, (2, 5), generator=g)
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 100])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_logprobs_and_entropy(chunk, temperature):
     g = torch.Generator().manual_seed(1)
-    B, T, D, V = 2, 5, 6, 11
-    h = torch.randn(B, T, D, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randint(0, V, (B, T), generator=g)
+    h, w, y = _head_case(g)
+    (B, T), (V, D) = y.shape, w.shape
     lp, ent = chunked_logprobs(h, w, y, temperature=temperature, chunk=chunk, with_entropy=True)
     # plain reference, one token at a time
     ref_lp = torch.zeros(B, T, dtype=torch.float64)
@@ -104,10 +109,8 @@ def test_logprob_fn_gradients(chunk, temperature):
     from minirl_async.algo.logprobs import _LogprobFn
 
     g = torch.Generator().manual_seed(3)
-    B, T, D, V = 2, 5, 6, 11
-    h = torch.randn(B, T, D, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randint(0, V, (B, T), generator=g)
+    h, w, y = _head_case(g)
+    (B, T), D = y.shape, h.shape[-1]
     assert torch.autograd.gradcheck(lambda h, w: _LogprobFn.apply(h, w, y.view(-1), 1 / temperature, chunk, (B, T)),
                                     (h.view(B * T, D), w))
     lp, ent = chunked_logprobs(h, w, y, temperature=temperature, chunk=chunk)
