@@ -28,6 +28,7 @@ Legend: P prompt tokens, R response tokens, L MoE layers, K top-k experts.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -44,6 +45,12 @@ NamedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 class WeightUpdateError(ValueError):
     """A weight update was refused; the engine keeps serving with its previous weights."""
+
+
+MIN_TEMPERATURE = 1e-5
+"""Smallest positive temperature: below it `logits / T` overflows (NaN log-probs); 0 means greedy."""
+SEED_RANGE = (-(2 ** 63), 2 ** 63)
+"""Seeds seed .. seed + n - 1 must be 64-bit signed integers (SGLang's `sampling_seed` is an int64)."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,9 @@ class SamplingParams:
     def check(self) -> None:
         """Raise ValueError naming the bad parameter and its valid range."""
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 (0 = greedy)")
+                and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE)):
+            raise ValueError(f"temperature={self.temperature!r}: must be 0 (greedy) or a finite number >= "
+                             f"{MIN_TEMPERATURE:g} (smaller ones overflow logits / T)")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1] (1 = off)")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
@@ -82,8 +90,13 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
         if not (isinstance(self.n, int) and self.n >= 1):
             raise ValueError(f"n={self.n!r}: must be an integer >= 1")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: must be non-negative token ids")
+        if not isinstance(self.stop_token_ids, (tuple, list)) or any(
+                not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: must be a tuple of non-negative token ids")
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                          and SEED_RANGE[0] <= self.seed and self.seed + self.n <= SEED_RANGE[1]):
+            raise ValueError(f"seed={self.seed!r}: must be None or an integer with seed .. seed + n - 1 in "
+                             f"[-2**63, 2**63)")
 
 
 @dataclass
@@ -95,12 +108,16 @@ class GenerateRequest:
     request_id: str = ""
 
     def prompt_list(self) -> list[int]:
+        """The prompt as a list of ints; ValueError if it is not a 1-D sequence of integers."""
         p = self.prompt_ids
         if isinstance(p, torch.Tensor):
-            if p.dim() != 1:
-                raise ValueError(f"prompt_ids must be 1-D, got shape {tuple(p.shape)}")
+            if p.dim() != 1 or p.is_floating_point() or p.is_complex():
+                raise ValueError(f"prompt_ids must be a 1-D integer tensor, got {p.dtype} of shape {tuple(p.shape)}")
             return [int(t) for t in p.tolist()]
-        return [int(t) for t in p]
+        try:
+            return [operator.index(t) for t in p]
+        except TypeError as e:
+            raise ValueError(f"prompt_ids must be a 1-D sequence of integer token ids: {e}") from None
 
     def check(self, vocab_size: int, max_context: int) -> list[int]:
         """Validate against the engine; returns the prompt as a list. Raises ValueError saying what to fix."""
@@ -146,6 +163,16 @@ class Rollout:
     @property
     def num_tokens(self) -> int:
         return int(self.response_ids.shape[0])
+
+
+def check_version(version: object, current: int) -> int:
+    """The version of a weight update, or WeightUpdateError unless it is an integer above `current`."""
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise WeightUpdateError(f"weight update refused: version {version!r} is not an integer")
+    if version <= current:
+        raise WeightUpdateError(f"weight update refused: version {version} is not above the current "
+                                f"{current} (call reset() after a learner rollback)")
+    return version
 
 
 def aborted(prompt: list[int], error: str) -> Rollout:

@@ -15,7 +15,12 @@ What SGLang is asked for (checked against the release source, python/sglang/srt/
   tensor and the `weight_scale_inv` of our updates would be dropped. No tokenizer: the adapter speaks token ids.
 - generate: `Engine.generate(input_ids=[...], sampling_params=[...], return_logprob=True,
   return_routed_experts=True)`; one SGLang request per sample (n=1, `sampling_seed` = seed + j, unseeded
-  requests get a seed from this adapter's generator), so sample order and seeds are ours. SGLang honours
+  requests get a seed from this adapter's generator), so sample order and seeds are ours; `ignore_eos=True`
+  (only `stop_token_ids` stop a sample, as in the embedded engine); `prompt + max_new_tokens` is kept below
+  the context length (0.5.10 refuses equality, for the whole batch); top_p < 1 / top_k > 0 are refused per
+  request (SGLang's log-probs are untruncated). An abort with an error status makes SGLang raise out of the
+  whole batch (ValueError for 400, HTTPException otherwise; tokenizer_manager._handle_abort_finish_reason):
+  the adapter then retries the batch's requests one by one and returns the failing ones as aborts. SGLang honours
   `sampling_seed` only when launched with enable_deterministic_inference (`sampler.sglang.deterministic`):
   without it, seeded requests do not reproduce. Each output dict has `output_ids` and `meta_info` with
   `output_token_logprobs` = [(logprob, token_id, text|None), ...], `finish_reason` =
@@ -32,7 +37,9 @@ What SGLang is asked for (checked against the release source, python/sglang/srt/
   skipped before, responses then carry our version), then `continue_generation`. A begin refused because a
   session is already open (e.g. left by a crash) ends that session and retries once. The 0.5.x Engine has no
   pause/continue/update_weight_version methods: those are `engine.tokenizer_manager` coroutines, run on
-  `engine.loop` with their `managers/io_struct.py` request objects.
+  `engine.loop` with their `managers/io_struct.py` request objects (submitted to the loop from this thread
+  with `run_coroutine_threadsafe` when a `generate` in another thread is running it, e.g. `pause()`).
+  A BF16 SGLang (`sampler.fp8 = false`) gets FP8 inputs dequantised to bf16: it would ignore the scales.
 
 Log-probs: SGLang reports log_softmax(logits / T) of each sampled token, the quantity the learner recomputes
 (ALGORITHM.md). With the environment variable `SGLANG_RETURN_ORIGINAL_LOGPROB` set to 1/true it reports the
@@ -49,6 +56,7 @@ Legend: P prompt tokens, R response tokens, L layers, K top-k.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -61,13 +69,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from minirl_async.engine.base import GenerateRequest, NamedTensors, Rollout, WeightUpdateError, aborted
+from minirl_async.engine.base import (
+    GenerateRequest,
+    NamedTensors,
+    Rollout,
+    WeightUpdateError,
+    aborted,
+    check_version,
+)
 from minirl_async.engine.weights import as_dict, check_update
 from minirl_async.models.config import ModelConfig
 from minirl_async.models.fp8 import (
     FP8_DTYPE,
     SCALE_SUFFIX,
     block_size_from_config,
+    dequantize_block_fp8,
     quantize_block_fp8,
     should_quantize,
 )
@@ -83,9 +99,10 @@ UPDATE_BUCKET_BYTES = 512 << 20
 ORIGINAL_LOGPROB_ENV = "SGLANG_RETURN_ORIGINAL_LOGPROB"
 """When truthy, SGLang returns log_softmax(logits) (temperature 1) instead of log_softmax(logits / T)."""
 # Fields that fix tensor shapes and routing: SGLang's folder must match the learner's model in all of them.
+# (max_position_embeddings: SGLang's default context length, which the adapter's length cap must agree with.)
 _LAYOUT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
-                  "decoder_sparse_step", "mlp_only_layers", "tie_word_embeddings")
+                  "decoder_sparse_step", "mlp_only_layers", "tie_word_embeddings", "max_position_embeddings")
 
 
 def original_logprob_env() -> bool:
@@ -182,14 +199,18 @@ def _decode_routes(b64: Any, rows: int, cfg: ModelConfig) -> torch.Tensor:
 def fp8_wire_tensors(cfg: ModelConfig, named_tensors: NamedTensors, block: int,
                      fp8: bool) -> list[tuple[str, torch.Tensor]]:
     """Validate a complete HF state and put projections in block-FP8 (weight + weight_scale_inv) when `fp8`;
-    already-FP8 tensors pass through. Raises WeightUpdateError (nothing is sent)."""
+    already-FP8 tensors pass through. Without `fp8` (a BF16 SGLang) FP8 inputs are dequantised to bf16:
+    SGLang's BF16 model skips `*_scale_inv` names and would load the raw FP8 values unscaled.
+    Raises WeightUpdateError (nothing is sent)."""
     tensors = as_dict(named_tensors)
     check_update(cfg, tensors, block)
     out: list[tuple[str, torch.Tensor]] = []
     for name, t in tensors.items():
         if name.endswith(SCALE_SUFFIX):
             continue
-        if t.dtype == FP8_DTYPE:
+        if t.dtype == FP8_DTYPE and not fp8:
+            out.append((name, dequantize_block_fp8(t, tensors[name + SCALE_SUFFIX], block, torch.bfloat16)))
+        elif t.dtype == FP8_DTYPE:
             out += [(name, t), (name + SCALE_SUFFIX, tensors[name + SCALE_SUFFIX])]
         elif fp8 and should_quantize(name):
             q, s = quantize_block_fp8(t, block)
@@ -262,7 +283,10 @@ class SGLangEngine:
             from sglang.srt.managers import io_struct  # type: ignore[import-not-found]
 
             args = (getattr(io_struct, request_class)(**kw),)
-        return self.engine.loop.run_until_complete(tm_fn(*args))
+        loop = self.engine.loop
+        if loop.is_running():   # a generate in another thread is running the engine's loop (pause / resume)
+            return asyncio.run_coroutine_threadsafe(tm_fn(*args), loop).result()
+        return loop.run_until_complete(tm_fn(*args))
 
     @staticmethod
     def _ok(result: Any) -> tuple[bool, str]:
@@ -288,10 +312,17 @@ class SGLangEngine:
         slots: list[tuple[int, list[int]]] = []
         input_ids: list[list[int]] = []
         params: list[dict[str, Any]] = []
+        # SGLang 0.5.10 refuses prompt + max_new_tokens >= its context length (later releases only >), and the
+        # whole batch with it: keep one position free.
+        context = self.max_context - 1
         for r, req in enumerate(requests):
             self._stats["requests"] += 1
             try:
-                prompt = req.check(self.cfg.vocab_size, self.max_context)
+                prompt = req.check(self.cfg.vocab_size, context)
+                if req.params.top_p < 1 or 0 < req.params.top_k < self.cfg.vocab_size:
+                    raise ValueError("the sglang engine reports untruncated log-probs, so top_p < 1 or top_k > 0 "
+                                     "would make the learner's importance ratios wrong; sample with top_p = 1 "
+                                     "and top_k = 0 (or use the torch_fp8 engine)")
             except ValueError as e:
                 self._stats["refused_requests"] += 1
                 n = req.params.n if isinstance(req.params.n, int) and req.params.n > 0 else 1
@@ -312,10 +343,11 @@ class SGLangEngine:
             out.append([])
             base = p.seed if p.seed is not None else self._seed_rng.getrandbits(62)
             for j in range(p.n):
-                sp: dict[str, Any] = {"temperature": p.temperature, "top_p": p.top_p,
-                                      "top_k": p.top_k if p.top_k > 0 else -1,
-                                      "max_new_tokens": min(p.max_new_tokens, self.max_context - len(prompt)),
-                                      "stop_token_ids": list(p.stop_token_ids), "n": 1}
+                # ignore_eos: stop only on stop_token_ids, as the interface says (SGLang would also stop on
+                # the model's EOS ids from config.json / generation_config.json).
+                sp: dict[str, Any] = {"temperature": p.temperature, "top_p": 1.0, "top_k": -1,
+                                      "max_new_tokens": min(p.max_new_tokens, context - len(prompt)),
+                                      "stop_token_ids": list(p.stop_token_ids), "ignore_eos": True, "n": 1}
                 sp["sampling_seed"] = base + j   # honoured only with enable_deterministic_inference
                 slots.append((r, prompt))
                 input_ids.append(prompt)
@@ -323,27 +355,60 @@ class SGLangEngine:
         if not input_ids:
             return out
         with self._lock:
-            results = self.engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True,
-                                           return_routed_experts=self.capture_routes)
             version = self._version
+            try:
+                results: list[Any] = self._generate(input_ids, params)
+            except Exception as e:  # noqa: BLE001 - SGLang raises for the whole batch when one request fails
+                results = self._one_by_one(input_ids, params, e)
+        for (r, prompt), res in zip(slots, results):
+            if isinstance(res, BaseException):
+                self._stats["refused_requests"] += 1
+                out[r].append(aborted(prompt, f"sglang refused the request: {type(res).__name__}: {res}"))
+            else:
+                out[r].append(parse_output(res, prompt, self.cfg, version=version, want_routes=self.capture_routes))
+        return out
+
+    def _generate(self, input_ids: list[list[int]], params: list[dict[str, Any]]) -> list[Any]:
+        results = self.engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True,
+                                       return_routed_experts=self.capture_routes)
         if not isinstance(results, list) or len(results) != len(input_ids):
             raise SGLangFormatError(f"sglang returned {len(results) if isinstance(results, list) else results!r} "
                                     f"outputs for {len(input_ids)} inputs")
-        for (r, prompt), res in zip(slots, results):
-            out[r].append(parse_output(res, prompt, self.cfg, version=version, want_routes=self.capture_routes))
-        return out
+        return results
+
+    def _one_by_one(self, input_ids: list[list[int]], params: list[dict[str, Any]],
+                    error: Exception) -> list[Any]:
+        """After a batch failed: each request alone, so one refused request (SGLang raises ValueError for an
+        abort with status 400, HTTPException for other error statuses, out of the whole batch) does not cost
+        the others their samples. The failures come back as exceptions; if no request succeeds and not all
+        failures are request errors (ValueError), the engine itself is failing and the batch's error is raised."""
+        log.warning("sglang batch of %d failed (%s: %s); retrying its requests one by one", len(input_ids),
+                    type(error).__name__, error)
+        results: list[Any] = []
+        for ids, sp in zip(input_ids, params):
+            try:
+                results.append(self._generate([ids], [sp])[0])
+            except Exception as e:  # noqa: BLE001
+                results.append(e)
+        failures = [r for r in results if isinstance(r, Exception)]
+        if len(failures) == len(results) and not all(isinstance(f, ValueError) and not isinstance(f, SGLangFormatError)
+                                                     for f in failures):
+            raise error
+        return results
 
     def update_weights(self, version: int, named_tensors: NamedTensors) -> None:
-        if version <= self._version:
-            self._stats["refused_updates"] += 1
-            raise WeightUpdateError(f"weight update refused: version {version} is not above the current "
-                                    f"{self._version} (call reset() after a learner rollback)")
         try:
+            check_version(version, self._version)
             wire = fp8_wire_tensors(self.cfg, named_tensors, self.fp8_block, self.fp8)
         except WeightUpdateError:
             self._stats["refused_updates"] += 1
             raise
         with self._lock:
+            try:
+                check_version(version, self._version)   # a concurrent update may have got there first
+            except WeightUpdateError:
+                self._stats["refused_updates"] += 1
+                raise
             self._call("pause_generation", "PauseGenerationReqInput", mode="retract")
             # Broken until the update completes: an exception half-way leaves SGLang partly updated.
             self._broken = f"the update to version {version} did not complete"

@@ -59,6 +59,7 @@ from minirl_async.engine.base import (
     SamplingParams,
     WeightUpdateError,
     aborted,
+    check_version,
 )
 from minirl_async.engine.fast_decode import Packed, decode_step, pack_params, rope_table
 from minirl_async.engine.kv_cache import SlotKVCache
@@ -160,11 +161,8 @@ class TorchFP8Engine:
         return self._version
 
     def update_weights(self, version: int, named_tensors: NamedTensors) -> None:
-        if version <= self._version:
-            self._stats["refused_updates"] += 1
-            raise WeightUpdateError(f"weight update refused: version {version} is not above the current "
-                                    f"{self._version} (call reset() after a learner rollback)")
         try:
+            check_version(version, self._version)
             new = prepare_update(self.cfg, named_tensors, fp8=self.fp8, block=self.fp8_block, dtype=self.dtype,
                                  device=self.device)
         except WeightUpdateError:
@@ -178,10 +176,11 @@ class TorchFP8Engine:
             try:
                 while self._busy:
                     self._cv.wait()
-                if version <= self._version:  # a concurrent update got there first
+                try:
+                    check_version(version, self._version)   # a concurrent update may have got there first
+                except WeightUpdateError:
                     self._stats["refused_updates"] += 1
-                    raise WeightUpdateError(f"weight update refused: version {version} is not above the "
-                                            f"current {self._version}")
+                    raise
                 for name, p in params.items():
                     p.data = new[name]
                 self._packed = packed

@@ -85,6 +85,8 @@ def check_update(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], block: i
                 problems.append(f"{name} is float8 but this tensor is never FP8 (only projections are)")
             elif scale is None:
                 problems.append(f"{name} is float8 but {name + SCALE_SUFFIX} is missing")
+            elif not isinstance(scale, torch.Tensor):
+                problems.append(f"{name + SCALE_SUFFIX} is a {type(scale).__name__}, not a tensor")
             else:
                 n, m = -(-shape[0] // block), -(-shape[1] // block)
                 if tuple(scale.shape) != (n, m) or not scale.is_floating_point():

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,9 +89,15 @@ def fixture_outputs(input_ids: list[list[int]], sampling_params: list[dict[str, 
 
 class FakeSGLang:
     """Stands in for `sglang.Engine`: records calls, answers from the fixture, enforces SGLang's rules
-    (no flush while requests run, update only inside a begin/end session when the session API exists)."""
+    (no flush while requests run, update only inside a begin/end session when the session API exists).
+    Like the real 0.5.x Engine it has no pause/continue/update_weight_version methods: those are coroutines
+    of `tokenizer_manager` (TokenizerManager0523 below) run on `loop`, so tests that reach them need the
+    `sglang_stub` fixture (their request classes come from `sglang.srt.managers.io_struct`)."""
 
     def __init__(self, session_api: bool = True, fail_update: bool = False):
+        self.loop = asyncio.new_event_loop()
+        FAKE_LOOPS.append(self.loop)
+        self.tokenizer_manager = TokenizerManager0523(self)
         self.calls: list[str] = []
         self.tensors: dict[str, torch.Tensor] = {}
         self.running = 0
@@ -108,13 +115,6 @@ class FakeSGLang:
         self.calls.append("generate")
         self.sampling_params = sampling_params
         return fixture_outputs(input_ids, sampling_params, return_logprob, self.weight_version)
-
-    def pause_generation(self, mode: str) -> None:
-        self.calls.append(f"pause:{mode}")
-        self.running = 0 if mode == "retract" else self.running
-
-    def continue_generation(self) -> None:
-        self.calls.append("continue")
 
     def begin_weight_update(self) -> tuple[bool, str]:
         self.calls.append("begin")
@@ -140,24 +140,41 @@ class FakeSGLang:
         self.calls.append("flush")
         return self.running == 0   # SGLang: a flush with requests in the running batch fails
 
-    def update_weight_version(self, new_version: str) -> None:
-        self.calls.append(f"version:{new_version}")
-        self.weight_version = new_version
+
+FAKE_LOOPS: list[asyncio.AbstractEventLoop] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_fake_loops() -> Iterator[None]:
+    yield
+    while FAKE_LOOPS:
+        FAKE_LOOPS.pop().close()
 
 
 def test_generate_maps_requests_and_outputs() -> None:
     fake = FakeSGLang()
-    eng = SGLangEngine(fake, tiny(), version=0)
+    eng = SGLangEngine(fake, tiny(), version=0)     # context 40 (max_position_embeddings)
     reqs = [GenerateRequest([1, 2, 3], SamplingParams(temperature=0.7, top_k=0, max_new_tokens=8, n=2, seed=5,
                                                        stop_token_ids=(11,))),
             GenerateRequest([], SamplingParams()),
-            GenerateRequest([4, 5], SamplingParams(top_p=0.9, top_k=4))]
+            GenerateRequest([4, 5], SamplingParams(max_new_tokens=100)),
+            GenerateRequest([4, 5], SamplingParams(top_p=0.9)),
+            GenerateRequest([4, 5], SamplingParams(top_k=4)),
+            GenerateRequest(list(range(1, 40)), SamplingParams())]    # 39 tokens: SGLang 0.5.10 needs P + 1 < 40
     out = eng.generate(reqs)
-    assert [len(r) for r in out] == [2, 1, 1]
+    assert [len(r) for r in out] == [2, 1, 1, 1, 1, 1]
     assert out[1][0].finish_reason == "abort" and "empty prompt" in (out[1][0].error or "")
     assert out[0][0].response_ids.tolist() == [7, 9, 11] and out[2][0].finish_reason == "length"
     assert out[0][0].routes is not None and out[0][0].routes.shape == (5, 2, 2)
-    seeds = [sp["sampling_seed"] for sp in fake.sampling_params]
+    for r in (out[3][0], out[4][0]):                                # SGLang's logprobs are untruncated
+        assert r.finish_reason == "abort" and "untruncated log-probs" in (r.error or "")
+    assert out[5][0].finish_reason == "abort" and "at most 38 tokens" in (out[5][0].error or "")
+    sent = fake.sampling_params
+    assert len(sent) == 3 and all(sp["ignore_eos"] is True and sp["top_p"] == 1.0 and sp["top_k"] == -1
+                                  and sp["n"] == 1 for sp in sent)   # only stop_token_ids stop a sample
+    assert [sp["max_new_tokens"] for sp in sent] == [8, 8, 37]      # 2 + 37 = 39 < 40
+    assert [sp["stop_token_ids"] for sp in sent] == [[11], [11], []]
+    seeds = [sp["sampling_seed"] for sp in sent]
     assert seeds[:2] == [5, 6]                                     # request seed + j
     # An unseeded request still gets a seed: with deterministic inference SGLang would otherwise give every
     # unseeded sample the same one.
@@ -166,7 +183,7 @@ def test_generate_maps_requests_and_outputs() -> None:
     assert isinstance(a, int) and b == a + 1 and 0 <= a < 2 ** 62
 
 
-def test_weight_update_sequence_with_fp8_weights_and_scales() -> None:
+def test_weight_update_sequence_with_fp8_weights_and_scales(sglang_stub: list[Engine0523]) -> None:
     fake = FakeSGLang()
     fake.running = 2
     eng = SGLangEngine(fake, tiny(), version=0, fp8=True, fp8_block=8)
@@ -187,7 +204,7 @@ def test_weight_update_sequence_with_fp8_weights_and_scales() -> None:
     assert out[0][0].versions.tolist() == [2] * 4                  # SGLang now reports weight_version "2"
 
 
-def test_weight_update_without_session_api_and_refusals() -> None:
+def test_weight_update_without_session_api_and_refusals(sglang_stub: list[Engine0523]) -> None:
     fake = FakeSGLang(session_api=False)
     eng = SGLangEngine(fake, tiny(), version=4, fp8=True, fp8_block=8)
     with pytest.raises(WeightUpdateError, match="not above"):
@@ -201,7 +218,7 @@ def test_weight_update_without_session_api_and_refusals() -> None:
     assert fake.calls == ["pause:retract", "update", "flush", "version:5", "continue"]
 
 
-def test_failed_sglang_update_blocks_generation_until_a_good_one() -> None:
+def test_failed_sglang_update_blocks_generation_until_a_good_one(sglang_stub: list[Engine0523]) -> None:
     fake = FakeSGLang(fail_update=True)
     eng = SGLangEngine(fake, tiny(), version=0, fp8=True, fp8_block=8)
     with pytest.raises(WeightUpdateError, match="injected"):
@@ -307,6 +324,9 @@ class TokenizerManager0523:
     async def continue_generation(self, obj: ContinueGenerationReqInput) -> None:
         assert isinstance(obj, ContinueGenerationReqInput)
         self.engine.calls.append("continue")
+        hold = getattr(self.engine, "hold", None)
+        if hold is not None:
+            hold.set()
 
     async def update_weight_version(self, obj: UpdateWeightVersionReqInput) -> None:
         assert isinstance(obj, UpdateWeightVersionReqInput)
@@ -329,11 +349,28 @@ class Engine0523:
         self.session_open = False
         self.raise_in_update = False
         self.weight_version = "default"
+        self.refuse: set[tuple[int, ...]] = set()   # prompts aborted with status 400
+        self.down = False                            # every request fails with a server error
+        self.hold: asyncio.Event | None = None       # generate waits on the loop until this is set
+        self.generating = threading.Event()
 
     def generate(self, input_ids: list[list[int]], sampling_params: list[dict[str, Any]],
                  return_logprob: bool = False, return_routed_experts: bool = False,
                  **_: Any) -> list[dict[str, Any]]:
+        """Like sglang.Engine.generate: runs the request on `loop`; a non-streaming abort with an error status
+        raises out of the whole batch (tokenizer_manager._handle_abort_finish_reason)."""
         self.calls.append("generate")
+
+        async def serve() -> None:
+            self.generating.set()
+            if self.hold is not None:
+                await self.hold.wait()
+            if self.down:
+                raise RuntimeError("HTTPException 503: scheduler is not responding")
+            if any(tuple(ids) in self.refuse for ids in input_ids):
+                raise ValueError("The input (2 tokens) is longer than the model's context length")
+
+        self.loop.run_until_complete(serve())
         return fixture_outputs(input_ids, sampling_params, return_logprob, self.weight_version)
 
     def begin_weight_update(self, selector: str = "all") -> tuple[bool, str]:
@@ -497,3 +534,83 @@ def test_make_engine_loads_a_given_state_into_sglang(sglang_stub: list[Engine052
     assert fake.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == FP8_DTYPE
     fresh = make_engine(cfg, model_cfg=tiny(), version=-1, model_path=str(folders["bf16"]))   # a sampler at start
     assert fresh.version == -1 and "update" not in sglang_stub[-1].calls
+
+
+def test_pause_and_resume_while_generate_runs_the_loop(sglang_stub: list[Engine0523]) -> None:
+    # sglang.Engine.generate runs its loop with run_until_complete: pause() from another thread must submit to
+    # that running loop (run_until_complete there raised "This event loop is already running").
+    eng, fake = launch(sglang_stub)
+    fake.hold = asyncio.Event()
+    got: list[Any] = []
+    worker = threading.Thread(target=lambda: got.append(eng.generate([GenerateRequest([4, 5], SamplingParams())])))
+    worker.start()
+    assert fake.generating.wait(10)
+    eng.pause()
+    assert eng.health()["paused"] and worker.is_alive()
+    eng.resume()                        # continue_generation releases the held request
+    worker.join(10)
+    assert not worker.is_alive() and got[0][0][0].num_tokens == 4
+    assert fake.calls == ["generate", "pause:in_place", "continue"]
+
+
+def test_concurrent_updates_never_move_the_version_back(sglang_stub: list[Engine0523],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Update 2 passes the first version check, then waits for the lock while update 3 lands: it must be refused
+    # under the lock, not applied over version 3.
+    import minirl_async.engine.sglang_engine as mod
+
+    eng, fake = launch(sglang_stub)
+    prepared = threading.Event()
+    wire = mod.fp8_wire_tensors
+
+    def wire_then_signal(*a: Any, **k: Any) -> Any:
+        out = wire(*a, **k)
+        prepared.set()
+        return out
+
+    monkeypatch.setattr(mod, "fp8_wire_tensors", wire_then_signal)
+    errors: list[Exception] = []
+
+    def update2() -> None:
+        try:
+            eng.update_weights(2, state(2))
+        except WeightUpdateError as e:
+            errors.append(e)
+
+    with eng._lock:
+        late = threading.Thread(target=update2)
+        late.start()
+        assert prepared.wait(30)
+        eng._version = 3                 # what update 3 leaves behind (it held the lock meanwhile)
+        fake.weight_version = "3"
+    late.join(30)
+    assert len(errors) == 1 and "not above the current 3" in str(errors[0])
+    assert eng.version == 3 and fake.weight_version == "3" and "update" not in fake.calls
+
+
+def test_fp8_input_is_dequantised_for_a_bf16_sglang(sglang_stub: list[Engine0523]) -> None:
+    import sglang  # the stub
+
+    eng = SGLangEngine(sglang.Engine(), tiny(), version=0, fp8=False, fp8_block=8)
+    fake = sglang_stub[-1]
+    q = dict(quantize_state(state(1).items(), 8))
+    eng.update_weights(1, q)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not any(n.endswith("_scale_inv") for n in fake.tensors)   # a BF16 model would skip them
+    assert fake.tensors[name].dtype == torch.bfloat16
+    assert torch.equal(fake.tensors[name], dequantize_block_fp8(q[name], q[name + "_scale_inv"], 8, torch.bfloat16))
+
+
+def test_a_request_sglang_refuses_does_not_cost_the_batch(sglang_stub: list[Engine0523],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    eng, fake = launch(sglang_stub)
+    fake.refuse = {(4, 5)}
+    with caplog.at_level(logging.WARNING, logger="minirl_async.engine.sglang_engine"):
+        out = eng.generate([GenerateRequest([1, 2, 3], SamplingParams(n=2)), GenerateRequest([4, 5], SamplingParams())])
+    assert [r.response_ids.tolist() for r in out[0]] == [[7, 9, 11]] * 2
+    assert out[1][0].finish_reason == "abort" and "context length" in (out[1][0].error or "")
+    assert fake.calls == ["generate"] * 4 and "one by one" in caplog.text   # the batch, then each request
+    assert eng.health()["refused_requests"] == 1
+    fake.refuse, fake.down = set(), True    # a failing server is an engine error, not request aborts
+    with pytest.raises(RuntimeError, match="503"):
+        eng.generate([GenerateRequest([1, 2, 3], SamplingParams())])

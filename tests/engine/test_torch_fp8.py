@@ -222,6 +222,13 @@ def test_bad_requests_abort_alone() -> None:
         "max_new_tokens": GenerateRequest([1], SamplingParams(max_new_tokens=0)),
         "outside [0, 48)": GenerateRequest([1, 48], SamplingParams()),
         "n=0": GenerateRequest([1], SamplingParams(n=0)),
+        "(smaller ones overflow": GenerateRequest([1], SamplingParams(temperature=1e-38)),   # was NaN logprobs
+        "1-D sequence of integer": GenerateRequest(None, SamplingParams()),  # type: ignore[arg-type]
+        "integer token ids": GenerateRequest([[1, 2]], SamplingParams()),  # type: ignore[list-item]
+        "1-D integer tensor": GenerateRequest(torch.tensor([1.0, 2.0]), SamplingParams()),
+        "stop_token_ids=None": GenerateRequest([1], SamplingParams(stop_token_ids=None)),  # type: ignore[arg-type]
+        "seed='7'": GenerateRequest([1], SamplingParams(seed="7")),  # type: ignore[arg-type]
+        "seed=9223372036854775807": GenerateRequest([1], SamplingParams(seed=2 ** 63 - 1, n=2)),
     }
     out = eng.generate([good, *bad.values(), good])
     assert out[0][0].finish_reason == "length" and out[0][0].num_tokens == 3

@@ -58,14 +58,15 @@ def test_bad_weight_updates_refused_and_old_weights_kept() -> None:
         "has shape": {**good, name: good[name][:, :-1]},
         "non-finite": {**good, name: torch.full_like(good[name], float("nan"))},
         "is float8 but": {**good, name: good[name].to(torch.float8_e4m3fn)},
+        "scale_inv is a list": {**good, name: good[name].to(torch.float8_e4m3fn), name + "_scale_inv": [1.0]},
     }
     for needle, state in cases.items():
         with pytest.raises(WeightUpdateError, match=needle):
             eng.update_weights(1, state)
-    for v in (0, -3):
-        with pytest.raises(WeightUpdateError, match="not above"):
-            eng.update_weights(v, good)
-    assert eng.version == 0 and eng.health()["refused_updates"] == len(cases) + 2
+    for v, needle in ((0, "not above"), (-3, "not above"), (1.5, "not an integer"), (True, "not an integer")):
+        with pytest.raises(WeightUpdateError, match=needle):
+            eng.update_weights(v, good)  # type: ignore[arg-type]
+    assert eng.version == 0 and eng.health()["refused_updates"] == len(cases) + 4
     assert eng.generate(req)[0][0].response_ids.tolist() == before
     eng.update_weights(1, good)  # a good one still goes through, and changes the output
     assert eng.version == 1 and eng.generate(req)[0][0].response_ids.tolist() != before
