@@ -64,9 +64,14 @@ class Group:
         """From a `ScoredGroup` (numpy arrays are wrapped without copies)."""
         def t(x: Any) -> torch.Tensor:
             return torch.as_tensor(x)
+
+        def routes(x: Any) -> torch.Tensor | None:
+            # the wire's uint16 (ids >= 256): torch has few ops for it; int32 is what routes_dtype uses
+            r = None if x is None else t(x)
+            return r.to(torch.int32) if r is not None and r.dtype in (torch.uint16, torch.uint32) else r
         samples = [Sample(prompt_ids=t(sg.prompt_ids).long(), response_ids=t(r.response_ids).long(),
                           rollout_logprobs=t(r.logprobs), reward=float(sg.rewards[i]),
-                          versions=t(r.versions), routes=None if r.routes is None else t(r.routes))
+                          versions=t(r.versions), routes=routes(r.routes))
                    for i, r in enumerate(sg.responses)]
         return cls(group_id=str(sg.group_id), samples=samples)
 

@@ -7,10 +7,13 @@ A checkpoint is a folder `ROOT/step_{version:08d}/` with
                   numpy) of EVERY rank (gathered to rank 0; each rank restores its own), and `extra`: an
                   opaque dict the caller owns (the controller's ledger, dataset cursor...)
 
-Atomicity: everything is written into `ROOT/.tmp-step_X-<pid>/` and then renamed to `step_X` with
-`os.replace`, so a crash mid-write leaves at worst a `.tmp-*` folder (removed by the next save) and the last
-good checkpoint untouched; readers only ever see complete `step_*` folders. After a save only the newest
-`keep_last` checkpoints remain.
+Atomicity: everything is written into `ROOT/.tmp-step_X-<pid>/`, fsynced (files, then the folder), and
+renamed to `step_X` with `os.replace` (then ROOT is fsynced), so a crash or power loss mid-write leaves at
+worst a `.tmp-*` folder (removed by the next save) and the last good checkpoint untouched; readers only ever
+see complete `step_*` folders. Saving a version that exists moves the old folder to `.tmp-old-step_X-<pid>`
+first; a crash between the two renames leaves that one, and the next save puts it back as `step_X`. After a
+save only the newest `keep_last` checkpoints remain. `load_latest` reads all three files before applying any
+and falls back to the next older checkpoint (with a warning) when the newest cannot be read.
 
 FSDP: every rank must call `save_checkpoint` / `load_latest` (gathering the full state is a collective);
 rank 0 writes; every rank reads, so ROOT must be on a filesystem all learner ranks can see. Loading into a
@@ -68,6 +71,27 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries, i.e. renames) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover(root: Path) -> None:
+    """Put back `.tmp-old-step_X-<pid>` as `step_X` when `step_X` is missing: a save of an existing version
+    moved the old (complete) folder aside and crashed before its replacement landed."""
+    for old in root.glob(".tmp-old-*"):
+        done = root / old.name.removeprefix(".tmp-old-").rsplit("-", 1)[0]
+        if not done.exists():
+            try:
+                os.replace(old, done)
+            except OSError:   # another rank put it back first
+                pass
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     r = Path(root)
@@ -92,8 +116,9 @@ def save_checkpoint(trainer: Trainer, root: str | Path, extra: dict[str, Any], k
     if trainer.rank == 0:
         r = Path(root)
         r.mkdir(parents=True, exist_ok=True)
-        for stale in r.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)   # left by a crashed save
+        _recover(r)
+        for stale in r.glob(".tmp-*"):   # left by a crashed save
+            shutil.rmtree(stale, ignore_errors=True)
         final = r / f"{PREFIX}{trainer.version:08d}"
         tmp = r / f".tmp-{final.name}-{os.getpid()}"
         tmp.mkdir()
@@ -101,15 +126,21 @@ def save_checkpoint(trainer: Trainer, root: str | Path, extra: dict[str, Any], k
                 "scheduler": trainer.scheduler.state_dict(), "rng": rng_states, "extra": extra}
         for name, obj in (("model.pt", model_sd), ("optim.pt", optim_sd), ("trainer.pt", meta)):
             torch.save(obj, tmp / name)
+            _fsync(tmp / name)
             if _fail_after == name:
                 raise RuntimeError(f"simulated crash after writing {name}")
+        _fsync(tmp)
         if final.exists():   # saving the same version again: move the old one aside first
             old = r / f".tmp-old-{final.name}-{os.getpid()}"
             os.replace(final, old)
+            if _fail_after == "move aside":
+                raise RuntimeError("simulated crash between the two renames")
             os.replace(tmp, final)
+            _fsync(r)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            _fsync(r)
         # keep-last-K counts back from the checkpoint just written; never delete it, nor a higher-numbered
         # one (another run's, in a reused folder: not ours to delete)
         older = [c for c in list_checkpoints(r) if c.name < final.name]
@@ -127,10 +158,12 @@ def load_checkpoint(trainer: Trainer, path: str | Path) -> dict[str, Any]:
         if not (p / name).is_file():
             raise ValueError(f"{p} is not a learner checkpoint (missing {name})")
     opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(trainer.policy, torch.load(p / "model.pt", weights_only=True), options=opts)
-    set_optimizer_state_dict(trainer.policy, trainer.optimizer, torch.load(p / "optim.pt", weights_only=True),
-                             options=opts)
+    # read everything before changing anything: a truncated file leaves the trainer as it was
+    model_sd = torch.load(p / "model.pt", weights_only=True)
+    optim_sd = torch.load(p / "optim.pt", weights_only=True)
     meta = torch.load(p / "trainer.pt", weights_only=False)   # our own file: python RNG state is a tuple
+    set_model_state_dict(trainer.policy, model_sd, options=opts)
+    set_optimizer_state_dict(trainer.policy, trainer.optimizer, optim_sd, options=opts)
     trainer.scheduler.load_state_dict(meta["scheduler"])
     trainer.version = int(meta["version"])
     trainer.skipped_updates = int(meta["skipped_updates"])
@@ -143,9 +176,22 @@ def load_checkpoint(trainer: Trainer, path: str | Path) -> dict[str, Any]:
 
 
 def load_latest(trainer: Trainer, root: str | Path) -> dict[str, Any] | None:
-    """Restore the newest checkpoint under `root`; its `extra`, or None when there is none."""
-    ckpts = list_checkpoints(root)
-    return load_checkpoint(trainer, ckpts[-1]) if ckpts else None
+    """Restore the newest readable checkpoint under `root`; its `extra`, or None when there is none. A
+    checkpoint whose files cannot be read (truncated, say) is skipped with a warning for the next older one;
+    if none can be read the newest one's error is raised (never a silent fresh start)."""
+    if Path(root).is_dir():
+        _recover(Path(root))
+    first: Exception | None = None
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return load_checkpoint(trainer, path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: try the older checkpoint
+            log.warning("checkpoint %s cannot be loaded (%s: %s); trying the previous one", path,
+                        type(e).__name__, e)
+            first = first or e
+    if first is not None:
+        raise first
+    return None
 
 
 def export_hf(trainer: Trainer, folder: str | Path, dtype: torch.dtype | None = None) -> Path:

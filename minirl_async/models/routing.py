@@ -95,7 +95,7 @@ def batch_routes(routes: Sequence[torch.Tensor], T: int, offsets: Sequence[int] 
     offs = list(offsets) if offsets is not None else [0] * len(routes)
     if len(offs) != len(routes):
         raise ValueError(f"{len(offs)} offsets for {len(routes)} sequences")
-    filler_K = torch.arange(K, dtype=routes[0].dtype, device=routes[0].device)
+    filler_K = torch.arange(K, device=routes[0].device).to(routes[0].dtype)   # (no arange for uint16 on CPU)
     out_BTLK = filler_K.expand(len(routes), T, L, K).clone()
     for i, (r, o) in enumerate(zip(routes, offs)):
         if r.dim() != 3 or tuple(r.shape[1:]) != (L, K):

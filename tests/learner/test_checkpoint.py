@@ -73,6 +73,42 @@ def test_crash_mid_write_keeps_last_good(tmp_path, model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
 
 
+def test_unreadable_newest_falls_back_and_interrupted_resave_recovers(tmp_path, model, caplog):
+    tr = Trainer(run_config(*OVR), copy.deepcopy(model))
+    groups = make_groups(model)
+    tr.train_step(groups, "none")
+    tr.save_checkpoint(tmp_path, extra={"v": 1})
+    w1 = _state(tr)
+    tr.train_step(groups, "none")
+    newest = tr.save_checkpoint(tmp_path, extra={"v": 2})
+    optim = newest / "optim.pt"
+    optim.write_bytes(optim.read_bytes()[:100])     # truncated, as after a power loss without fsync
+    fresh = Trainer(run_config(*OVR), tiny_model(seed=5))
+    w_fresh = _state(fresh)
+    with caplog.at_level("WARNING"):
+        assert fresh.load_latest(tmp_path) == {"v": 1} and fresh.version == 1
+    assert "step_00000002" in caplog.text and "trying the previous one" in caplog.text
+    assert all(torch.equal(t, w1[k]) for k, t in fresh.iter_full_state())
+    # nothing readable: the newest error is raised, and the trainer is untouched (files read before applying)
+    (tmp_path / "step_00000001" / "model.pt").write_bytes(b"")
+    fresh = Trainer(run_config(*OVR), tiny_model(seed=5))
+    with pytest.raises(Exception, match="(?i)zip|archive|ran out of input|eof"):
+        fresh.load_latest(tmp_path)
+    assert fresh.version == 0 and all(torch.equal(t, w_fresh[k]) for k, t in fresh.iter_full_state())
+
+
+def test_crash_between_the_renames_of_a_resave(tmp_path, model):
+    tr = Trainer(run_config(*OVR), copy.deepcopy(model))
+    tr.train_step(make_groups(model), "none")
+    tr.save_checkpoint(tmp_path, extra={"v": "first"})
+    with pytest.raises(RuntimeError, match="between the two renames"):
+        save_checkpoint(tr, tmp_path, {"v": "second"}, keep_last=1, _fail_after="move aside")
+    assert list_checkpoints(tmp_path) == []          # step_00000001 is only the moved-aside folder now
+    fresh = Trainer(run_config(*OVR), tiny_model(seed=5))
+    assert fresh.load_latest(tmp_path) == {"v": "first"} and fresh.version == 1   # put back, not lost
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".tmp-step")] == ["step_00000001"]
+
+
 def test_keep_last_and_empty_root(tmp_path, model):
     tr = Trainer(run_config(*OVR), copy.deepcopy(model))
     assert tr.load_latest(tmp_path / "none") is None

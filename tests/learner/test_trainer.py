@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from learner_util import make_groups, run_config
+from learner_util import make_groups, run_config, tiny_model
 
 import minirl_async.learner.trainer as trainer_mod
 from minirl_async.learner import BatchError, Group, Sample, Trainer
@@ -36,6 +36,8 @@ def test_on_policy_metrics(model):
 
 def test_r2_first_update_equals_no_replay(model):
     groups = make_groups(model, seed=3)
+    # R3 with routes recorded at theta_old (make_groups' own) is what R2 must do on every minibatch
+    w_ref = _weights(_one_step(model, copy.deepcopy(groups), "r3")[0])
     E = model.config.num_experts
     for g in groups:   # sampler routes that differ from the learner's: R2 must not use them
         for s in g.samples:
@@ -50,6 +52,10 @@ def test_r2_first_update_equals_no_replay(model):
     w_none2 = _weights(_one_step(model, groups, "none")[0])
     w_r2b = _weights(_one_step(model, groups, "r2")[0])
     assert not torch.allclose(w_none2, w_r2b, atol=1e-12)
+    # ... namely the routes recorded at theta_old, not the sampler's (to rounding: padding rows, see
+    # test_r3_replays_sampler_routes, ~1e-12 after two AdamW updates; wrong routes move weights by ~1e-3)
+    torch.testing.assert_close(w_r2b, w_ref, rtol=0, atol=1e-10)
+    assert float((_weights(_one_step(model, groups, "r3")[0]) - w_ref).abs().max()) > 1e-5
 
 
 def test_r3_replays_sampler_routes(model):
@@ -191,6 +197,31 @@ def test_non_finite_update_is_skipped(model, monkeypatch):
     assert m["train/skipped_updates"] == 0.0 and not torch.equal(_weights(tr), w0)
 
 
+def test_non_finite_gradient_with_finite_loss_is_skipped(model):
+    tr = Trainer(run_config(), copy.deepcopy(model))
+    w0 = _weights(tr)
+    p = next(tr.model.parameters())
+    hook = p.register_hook(lambda g: g * float("inf"))   # the loss stays finite, one gradient does not
+    m = tr.train_step(make_groups(model), "none")
+    assert math.isfinite(m["loss/policy"]) and m["train/skipped_updates"] == 2.0
+    assert torch.equal(_weights(tr), w0) and not tr.optimizer.state
+    hook.remove()
+    assert tr.train_step(make_groups(model), "none")["train/skipped_updates"] == 0.0
+
+
+@pytest.mark.parametrize("clip", [1e-3, 100.0])
+def test_gradient_clipped_to_the_global_norm(model, clip):
+    # AdamW's first step moves every weight by ~lr whatever the gradient's scale, so read the gradient it
+    # was given from its state: exp_avg = (1 - beta1) * g after one step.
+    tr = Trainer(run_config("learner.minibatch_groups=2", f"learner.grad_clip={clip}"), copy.deepcopy(model))
+    m = tr.train_step(make_groups(model), "none")
+    beta1 = tr.optimizer.param_groups[0]["betas"][0]
+    applied = torch.cat([(st["exp_avg"] / (1 - beta1)).reshape(-1) for st in tr.optimizer.state.values()])
+    pre = m["loss/grad_norm"]   # before clipping (one update)
+    assert pre > 1e-2
+    assert float(applied.norm()) == pytest.approx(min(pre, clip), rel=1e-6)
+
+
 def test_lr_schedule():
     f = lr_lambda(warmup=3, total=13, schedule="cosine")
     assert [f(u) for u in range(3)] == pytest.approx([0.25, 0.5, 0.75])
@@ -275,3 +306,29 @@ def test_step_metrics_match_plain_references(model):
             "is/trunc_frac": float((d_t > 5).double().mean()), "loss/clip_frac": clipped / len(d_t)}
     for key, value in want.items():
         assert m[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+def test_wire_routes_of_many_experts_train_in_every_mode():
+    # Expert ids >= 256 travel as uint16 (the smallest unsigned dtype, ALGORITHM.md section 5); through a
+    # codec round trip they must train like the model's own int16 routes (torch has no uint16 arange).
+    import numpy as np
+    from minirl_async.proto.codec import decode, encode
+    from minirl_async.proto.messages import Response, ScoredGroup
+
+    model = tiny_model(num_experts=300)
+    groups = make_groups(model, seed=5)
+    wire = []
+    for g in groups:
+        responses = [Response(response_ids=s.response_ids.numpy().astype(np.int32),
+                              logprobs=s.rollout_logprobs.numpy(), versions=np.zeros(len(s.response_ids), np.int32),
+                              routes=s.routes.numpy().astype(np.uint16), finish_reason="length") for s in g.samples]
+        sg = ScoredGroup(group_id=g.group_id, attempt=0, prompt_ids=g.samples[0].prompt_ids.numpy().astype(np.int32),
+                         sampler_id="s0", responses=responses,
+                         rewards=np.array([s.reward for s in g.samples], np.float32))
+        got = decode(encode(sg))
+        assert got.responses[0].routes.dtype == np.uint16
+        wire.append(Group.from_scored(got))
+    for mode in ("none", "r2", "r3"):
+        w_wire = _weights(_one_step(model, wire, mode)[0])
+        w_own = _weights(_one_step(model, groups, mode)[0])
+        torch.testing.assert_close(w_wire, w_own, rtol=0, atol=1e-12)
