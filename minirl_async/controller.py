@@ -31,6 +31,7 @@ run; if the old rollouts do arrive, the first arrival wins as always.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -67,10 +68,14 @@ def group_id_of(seq: int) -> str:
     return f"g{seq}"
 
 
+_GROUP_ID = re.compile(r"g(0|[1-9][0-9]*)")
+
+
 def seq_of(group_id: str) -> int | None:
-    if not group_id.startswith("g") or not group_id[1:].isdigit():
-        return None
-    return int(group_id[1:])
+    """The seq of an id `group_id_of` made, else None (ASCII digits only: str.isdigit() accepts "²", which
+    int() refuses, and "g01" would alias "g1")."""
+    m = _GROUP_ID.fullmatch(group_id) if isinstance(group_id, str) else None
+    return int(m.group(1)) if m else None
 
 
 class Controller:

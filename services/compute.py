@@ -6,7 +6,8 @@ Engine (sampler side):  .version (int, -1 = none) | .update_weights(WeightSet) |
                         -> list[RolloutGroup] (blocking; run in a worker thread) | .reset() (forget weights)
 Trainer (learner side): .step(list[ScoredGroup], replay_mode, version) -> metrics | .state_fn() -> iterable of
                         (hf_name, tensor) to publish | .save_checkpoint(step, extra) | .load_latest() -> extra
-                        or None | .export(folder)
+                        or None | .export(folder) | optionally .invalid_groups(list[ScoredGroup]) -> {group_id:
+                        reason} for groups .step would refuse (checked on arrival; the fake has no model to check)
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import asyncio
 import time
 from typing import Any
 
+import numpy as np
 import zmq
 import zmq.asyncio
 from minirl_async.proto.messages import Message, ProtocolError, RolloutGroup, ScoredGroup
@@ -53,6 +54,7 @@ class GraderService:
         self.stats = ChannelStats()
         self.inflight: set[asyncio.Task[None]] = set()
         self.graded_groups = 0
+        self.failed_groups = 0  # groups whose scoring raised (forwarded as dropped: the learner re-issues them)
 
     async def score(self, group: RolloutGroup, push: zmq.asyncio.Socket, runner: GraderRunner, tok: Any) -> None:
         t0 = time.monotonic()
@@ -73,6 +75,30 @@ class GraderService:
         await send_message(push, scored)
         self.graded_groups += 1
 
+    async def grade(self, group: RolloutGroup, push: zmq.asyncio.Socket, runner: GraderRunner, tok: Any) -> None:
+        """score(), in a task nothing awaits: an exception must not end it silently (the group would be lost
+        until its lease ends, an hour on GPU configs)."""
+        try:
+            try:
+                await self.score(group, push, runner, tok)
+            except Exception as e:
+                await self.fail(group, push, e)
+        except Exception as e:  # even the failure report could not be sent
+            self.log.error("group %s attempt %d lost until its lease ends: %r", group.group_id, group.attempt, e)
+
+    async def fail(self, group: RolloutGroup, push: zmq.asyncio.Socket, error: Exception) -> None:
+        """score() raised (e.g. the tokenizer cannot decode an id): forward the group as dropped with the
+        error, so the learner re-issues its prompt now (and discards it after a few failures) instead of
+        waiting out the lease."""
+        self.failed_groups += 1
+        text = f"grading failed: {error!r}"[:1000]
+        self.log.error("group %s attempt %d: %s (%d groups so far)", group.group_id, group.attempt, text,
+                       self.failed_groups)
+        scored = ScoredGroup.from_rollout(group, rewards=np.zeros(len(group.responses), np.float32),
+                                          grader_info={"dropped": True, "grader": self.name},
+                                          grader_errors=[text])
+        await send_message(push, scored)
+
     async def run(self) -> int:
         install_stop_handlers(self.stop)
         set_threads(1)
@@ -92,7 +118,7 @@ class GraderService:
 
             async def job() -> None:
                 try:
-                    await self.score(msg, push, runner, tok)
+                    await self.grade(msg, push, runner, tok)
                 finally:
                     limit.release()
 
@@ -118,8 +144,8 @@ class GraderService:
             if auth is not None:
                 auth.stop()
             ctx.term()
-        self.log.info("stopped after %d groups; grader stats %s; bad messages %d", self.graded_groups,
-                      runner.stats(), self.stats.errors)
+        self.log.info("stopped after %d groups (%d failed); grader stats %s; bad messages %d", self.graded_groups,
+                      self.failed_groups, runner.stats(), self.stats.errors)
         return 0
 
 

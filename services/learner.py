@@ -143,6 +143,7 @@ class LearnerHub:
         self._serving: asyncio.Task[int] | None = None   # the task streaming weights to late joiners
         self.last_step_end = time.monotonic()
         self.busy_s = 0.0
+        self.invalid_reasons: dict[str, int] = {}   # groups refused on arrival, by kind of reason
         moved = [] if cfg.learner.resume else set_aside_earlier_run(self.run_dir)
         self.runlog = RunLog(self.run_dir)
         for path in moved:
@@ -219,16 +220,42 @@ class LearnerHub:
         if not isinstance(msg, ScoredGroup):
             raise ProtocolError(f"unexpected {msg.TYPE} on the scored channel")
         v = self.controller.version
-        # An engine abort or an empty response cannot be trained on (the trainer refuses such a group):
-        # the prompt goes back to the queue, and is discarded after a few such returns.
-        invalid = any(r.length == 0 or r.finish_reason == "abort" for r in msg.responses) or \
-            msg.group_size != self.cfg.algo.group_size
+        # A group the trainer would refuse (an engine abort, an empty response, token ids outside the vocab,
+        # expert ids outside the model...) must never reach a batch: train_step would raise and end the
+        # learner, and the re-issued group would end the restarted one too. The prompt goes back to the
+        # queue, and is discarded after a few such returns.
+        reason = self.invalid_reason(msg)
         outcome = self.controller.accept(msg.group_id, msg.attempt, oldest_version(msg, v), msg,
                                          grader_failed=bool(msg.grader_info.get("dropped")),
-                                         newest_version=msg.max_version, invalid=invalid)
-        if outcome != "accepted":
+                                         newest_version=msg.max_version, invalid=reason is not None)
+        if reason is not None and outcome in ("invalid", "discarded"):
+            kind = reason.split(":", 1)[0]
+            self.invalid_reasons[kind] = self.invalid_reasons.get(kind, 0) + 1
+            self.log.warning("group %s attempt %d refused (%s; %d %r so far): %s", msg.group_id, msg.attempt,
+                             outcome, self.invalid_reasons[kind], kind, reason)
+            self.runlog.event(f"group {msg.group_id} attempt {msg.attempt} {outcome}: {reason}")
+        elif outcome != "accepted":
             self.log.info("group %s attempt %d: %s", msg.group_id, msg.attempt, outcome)
         self.batch_event.set()
+
+    def invalid_reason(self, msg: ScoredGroup) -> str | None:
+        """Why the group cannot be trained on ('<kind>: <detail>'), or None. The trainer's own checks
+        (`invalid_groups`, against the model's vocab and experts) run when it has them: the fake has none."""
+        if msg.group_size != self.cfg.algo.group_size:
+            return f"group size: {msg.group_size} responses, algo.group_size is {self.cfg.algo.group_size}"
+        for i, r in enumerate(msg.responses):
+            if r.finish_reason == "abort":
+                return f"engine abort: response {i}"
+            if r.length == 0:
+                return f"empty response: response {i}"
+        check = getattr(self.trainer, "invalid_groups", None)
+        if check is None:
+            return None
+        try:
+            bad = check([msg])
+        except Exception as e:  # a group the checks cannot even read would fail the train step as well
+            return f"unreadable: {e!r}"
+        return f"refused by the trainer: {bad[msg.group_id]}" if msg.group_id in bad else None
 
     async def lease_loop(self) -> None:
         while True:

@@ -125,6 +125,13 @@ class RealTrainer:
         assert self.impl.version == version, (self.impl.version, version)
         return dict(self.impl.train_step([Group.from_scored(g) for g in groups], replay_mode=MODE_NAMES[replay_mode]))
 
+    def invalid_groups(self, groups: list[ScoredGroup]) -> dict[str, str]:
+        """`{group_id: reason}` for the groups `step` would refuse (token ids outside the vocab, expert ids
+        outside the model, bad shapes...): the learner refuses them on arrival instead."""
+        from minirl_async.learner.batch import Group
+
+        return dict(self.impl.invalid_groups([Group.from_scored(g) for g in groups]))
+
     def save_checkpoint(self, step: int, extra: dict[str, Any]) -> Path | None:
         assert self.impl.version == step, (self.impl.version, step)
         return self.impl.save_checkpoint(self.run_dir / "checkpoints", extra)

@@ -4,7 +4,8 @@
 
 Sockets (proto/sockets.py documents patterns and high-water marks):
 - DEALER -> learner ROUTER (`network.work_addr`): WorkRequest (free slots, weight version) -> WorkGrant;
-  WeightsRequest at start-up (late join / restart) and until the first weights are in.
+  WeightsRequest at start-up (late join / restart) and until the first weights are in, and again when a
+  version's assembly stalls with chunks missing (WEIGHTS_STALL_S).
 - SUB <- learner XPUB (`network.weights_addr`): WeightUpdate chunks, assembled by WeightReceiver while
   generation runs (generation is in a worker thread, the event loop keeps receiving).
 - PUSH -> graders (`network.rollout_addr`, one per grader): RolloutGroups; blocks when graders lag.
@@ -59,6 +60,7 @@ from minirl_async.config import Config
 from minirl_async.engine.base import WeightUpdateError
 
 REQUEST_TIMEOUT_S = 2.0  # re-send a WorkRequest / WeightsRequest that got no answer (learner restarting)
+WEIGHTS_STALL_S = 5.0  # a version assembly with no chunk for this long lost chunks: ask for the version again
 
 
 class SamplerService:
@@ -81,6 +83,8 @@ class SamplerService:
         self.duplicate_chunks = 0
         self.refused_updates = 0  # complete updates the engine refused (bad tensors, format mismatch)
         self.last_chunk_at = 0.0  # monotonic time of the last weight chunk (a stream in progress)
+        self.last_weights_request = 0.0  # monotonic time of our last WeightsRequest
+        self.weights_rerequests = 0  # WeightsRequests sent because an assembly stalled (chunks lost)
 
     @property
     def version(self) -> int:
@@ -140,7 +144,28 @@ class SamplerService:
         self.receiver = WeightReceiver()
         self.pending = None
         self.engine.reset()
-        await send_message(dealer, WeightsRequest(sampler_id=self.sampler_id, have_version=-1))
+        await self.request_weights(dealer, -1)
+
+    async def request_weights(self, dealer: zmq.asyncio.Socket, have_version: int) -> None:
+        await send_message(dealer, WeightsRequest(sampler_id=self.sampler_id, have_version=have_version))
+        self.last_weights_request = time.monotonic()
+
+    async def rerequest_stalled_weights(self, dealer: zmq.asyncio.Socket) -> bool:
+        """A version is half assembled and no chunk came for WEIGHTS_STALL_S: its missing chunks are lost (our
+        SUB was disconnected, a chunk was dropped as bad) and the learner sends them again only when asked,
+        while we would keep serving old weights (with max_staleness = 0 the run stalls). Ask for the version
+        again, at most once per WEIGHTS_STALL_S. Returns whether it asked."""
+        missing = self.receiver.missing_chunks()
+        now = time.monotonic()
+        if self.pending is not None or not missing or now - max(self.last_chunk_at, self.last_weights_request) \
+                <= WEIGHTS_STALL_S:
+            return False
+        self.weights_rerequests += 1
+        self.log.warning("weights v%s stalled: %d of its chunks missing for %.1fs; asking the learner again "
+                         "(still serving v%d; %d such requests so far)", self.receiver.pending_version, len(missing),
+                         now - self.last_chunk_at, self.version, self.weights_rerequests)
+        await self.request_weights(dealer, self.version)
+        return True
 
     async def next_grant(self, dealer: zmq.asyncio.Socket) -> WorkGrant | None:
         while not self.grants.empty():  # stale grants of timed-out requests are still work
@@ -155,8 +180,7 @@ class SamplerService:
 
     async def work(self, dealer: zmq.asyncio.Socket, pushes: list[zmq.asyncio.Socket]) -> None:
         push = pushes[0]
-        await send_message(dealer, WeightsRequest(sampler_id=self.sampler_id, have_version=-1))
-        last_weights_request = time.monotonic()
+        await self.request_weights(dealer, -1)
         while not self.stop.is_set():
             if self.rollback:
                 await self.handle_rollback(dealer)
@@ -164,12 +188,12 @@ class SamplerService:
             if self.version < 0:
                 # Ask again only when nothing is on its way: a request answered by a stream in progress
                 # (or a complete version waiting to be applied) would only cost another full stream.
-                quiet = time.monotonic() - max(last_weights_request, self.last_chunk_at)
+                quiet = time.monotonic() - max(self.last_weights_request, self.last_chunk_at)
                 if quiet > REQUEST_TIMEOUT_S and self.pending is None:
-                    await send_message(dealer, WeightsRequest(sampler_id=self.sampler_id, have_version=-1))
-                    last_weights_request = time.monotonic()
+                    await self.request_weights(dealer, -1)
                 await asyncio.sleep(0.02)
                 continue
+            await self.rerequest_stalled_weights(dealer)
             grant = await self.next_grant(dealer)
             if grant is None:
                 continue

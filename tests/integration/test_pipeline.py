@@ -272,8 +272,10 @@ def test_failing_grader_groups_are_reissued(tmp_path):
     rows = metrics(tmp_path / "run")
     assert len(rows) == 6
     last = rows[-1]
-    assert last["pipeline/grader_errors"] > 0 and last["pipeline/reissued"] >= last["pipeline/grader_errors"] - \
-        last["pipeline/requeued"]
+    # each grader error requeues its prompt (reissued later, or still requeued at the end) or, at the
+    # max_invalid-th failure of the same prompt, discards it (p ~ 0.185^3 per prompt here: it happens)
+    assert last["pipeline/grader_errors"] > 0 and last["pipeline/reissued"] + last["pipeline/discarded"] >= \
+        last["pipeline/grader_errors"] - last["pipeline/requeued"]
     assert last["pipeline/lost"] == 0 and last["pipeline/trained"] == 24
 
 

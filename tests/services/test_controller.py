@@ -124,6 +124,18 @@ def test_unknown_ids_are_counted():
     assert ctl.metrics()["pipeline/unknown"] == 2
 
 
+@pytest.mark.parametrize("gid", ["g\u00b2", "g1\u00b2", "g\u0661", "g\uff11", "g", "g-1", "g+1", "g 1", "g1 ", "g1\n",
+                                 "g01", "g1_0", "G1", "gg1", ""])
+def test_odd_ids_are_unknown_not_a_crash(gid):
+    # str.isdigit() accepts superscripts and other scripts' digits, which int() refuses (ValueError killed the
+    # learner's receive loop); anything group_id_of cannot have made is unknown.
+    ctl, _ = make()
+    ctl.grant("s0", 4, 0)
+    assert ctl.accept(gid, 0, 0, None) == "unknown"
+    m = ctl.metrics()
+    assert m["pipeline/unknown"] == 1 and m["pipeline/in_flight"] == 4 and m["pipeline/lost"] == 0
+
+
 def test_consumption_guard_requeues_too_stale_groups():
     ctl, _ = make(eta=1, gps=2)
     g = ctl.grant("s0", 8, 0)  # g0..g3 at version 0
