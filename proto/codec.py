@@ -14,8 +14,9 @@ Decoding is strict: everything but a well-formed message of this protocol versio
 naming what is wrong: not msgpack, header not a map, wrong proto, unknown type, missing or extra field,
 wrong field type, dtype off the whitelist, a shape that is not a wire shape (`messages.check_shape`: at
 most 8 dimensions, each below 2**31), shape/frame-length mismatch, unreferenced or reused frame,
-non-finite values where finite is required, total size over `max_bytes`, a header over its own limits
-(below), or a broken message invariant. Nothing else escapes `decode`.
+non-finite values where finite is required, total size over `max_bytes`, more than `MAX_FRAMES` frames,
+a header over its own limits (below), or a broken message invariant. Nothing else escapes `decode`. Error
+messages stay short (`short`, at most `MAX_ERROR_CHARS`): lists of frames or fields are abbreviated.
 
 Header limits. Arrays travel as frames, so a header holds only scalars, ids, descriptors and task
 metadata; the largest realistic ones are ~300 KB and ~50k items (a WorkGrant of 512 groups whose meta
@@ -37,6 +38,7 @@ oversized header instead of its peer dropping it (and the learner re-issuing it)
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import typing
 from collections.abc import Sequence
@@ -66,6 +68,12 @@ MAX_HEADER_BYTES = 16 << 20
 """Largest frame 0 (msgpack header) accepted, whatever `max_bytes` allows (see the module docstring)."""
 MAX_HEADER_ITEMS = 1 << 20
 """Most msgpack items in one header: maps and arrays plus their entries and elements."""
+MAX_FRAMES = 1 << 16
+"""Most frames in one message, header included: ~16x the largest real one (a ScoredGroup of G=1024
+responses with routes has ~4k). Receivers (`sockets.recv_bounded`) stop keeping frames past it: each frame
+costs ~700 bytes of Python objects however small it is (2M empty frames took 1.5 GB)."""
+MAX_ERROR_CHARS = 500
+"""Longest ProtocolError message this module (and the receive loop) produces or logs."""
 _DESC_KEYS = frozenset({"name", "dtype", "shape", "frame"})
 _MAX_JSON_DEPTH = 32
 
@@ -101,6 +109,18 @@ def _schema(cls: type) -> tuple[tuple[str, str, Any], ...]:
     return tuple(out)
 
 
+def short(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` cut to `limit` characters (a peer must not be able to make log lines of megabytes)."""
+    return text if len(text) <= limit else f"{text[:limit - 30]}... ({len(text)} characters)"
+
+
+def _listing(items: Any, n: int = 8) -> str:
+    """The `n` smallest of `items` (each cut to 50 characters) and how many there are in all."""
+    first = heapq.nsmallest(n, items, key=lambda x: (type(x).__name__, x))
+    text = ", ".join(f"{x!r:.50}" for x in first)
+    return f"[{text}]" if len(items) <= n else f"[{text}, ...] ({len(items)} in all)"
+
+
 # ---------------------------------------------------------------- encode
 def encode(msg: Message) -> list[Any]:
     """Frames of `msg` (validated first): [header bytes, array or blob, ...]. Send with copy=False."""
@@ -110,6 +130,8 @@ def encode(msg: Message) -> list[Any]:
     frames: list[Any] = [b""]
     header: dict[str, Any] = {"proto": PROTO_VERSION, "type": msg.TYPE}
     header.update(_encode_fields(msg, frames, ""))
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"{msg.TYPE}: {len(frames)} frames exceed the limit of {MAX_FRAMES} (MAX_FRAMES)")
     raw = msgpack.packb(header, use_bin_type=True)
     if len(raw) > MAX_HEADER_ITEMS:  # a header of fewer bytes cannot hold more items: check only big ones
         _unpack_header(raw)
@@ -194,7 +216,7 @@ def _unpack_header(buf: Buffer) -> Any:
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises many types (ExtraData, FormatError, StackError, ValueError...)
-        raise ProtocolError(f"frame 0 is not a valid msgpack header: {type(e).__name__}: {e}") from None
+        raise ProtocolError(short(f"frame 0 is not a valid msgpack header: {type(e).__name__}: {e}")) from None
 
 
 def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
@@ -203,6 +225,8 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Mess
         raise ProtocolError(f"expected a list of frames, got {type(frames).__name__}")
     if len(frames) == 0:
         raise ProtocolError("empty multipart message")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"message of {len(frames)} frames exceeds the limit of {MAX_FRAMES} frames")
     bufs = [_as_bytes_view(f) for f in frames]
     total = sum(b.nbytes for b in bufs)
     if total > max_bytes:
@@ -224,11 +248,11 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Mess
     msg = _decode_obj(cls, fields, bufs, used, "")
     unused = set(range(1, len(bufs))) - used
     if unused:
-        raise ProtocolError(f"{type_name}: frames {sorted(unused)} are not referenced by the header")
+        raise ProtocolError(f"{type_name}: frames {_listing(unused)} are not referenced by the header")
     try:
         msg.validate()
     except ProtocolError as e:
-        raise ProtocolError(f"{type_name}: {e}") from None
+        raise ProtocolError(short(f"{type_name}: {e}")) from None
     return msg  # type: ignore[return-value]
 
 
@@ -242,7 +266,7 @@ def _decode_obj(cls: type, fields: Any, bufs: list[memoryview], used: set[int], 
     if missing:
         raise ProtocolError(f"{where}: missing field(s) {sorted(missing)}")
     if extra:
-        raise ProtocolError(f"{where}: unexpected field(s) {sorted(map(str, extra))}")
+        raise ProtocolError(f"{where}: unexpected field(s) {_listing(extra)}")
     kwargs: dict[str, Any] = {}
     for name, kind, detail in schema:
         v, path = fields[name], prefix + name
@@ -263,7 +287,7 @@ def _decode_obj(cls: type, fields: Any, bufs: list[memoryview], used: set[int], 
     try:
         return cls(**kwargs)
     except (TypeError, ValueError, OverflowError) as e:
-        raise ProtocolError(f"{where}: {e}") from None
+        raise ProtocolError(short(f"{where}: {e}")) from None
 
 
 def _decode_scalar(v: Any, kind: str, detail: Any, what: str) -> Any:
@@ -305,7 +329,7 @@ def _check_json(v: Any, what: str, depth: int) -> None:
     if isinstance(v, dict):
         for k, x in v.items():
             if type(k) is not str:
-                raise ProtocolError(f"{what} has a non-string key {k!r}")
+                raise ProtocolError(f"{what} has a non-string key {k!r:.50}")
             _check_json(x, what, depth + 1)
         return
     raise ProtocolError(f"{what} holds a {type(v).__name__}, not JSON-like data")

@@ -2,9 +2,9 @@
 
 Every socket gets LINGER (close waits at most `linger_ms` for unsent messages, never forever),
 MAXMSGSIZE (a peer sending a larger frame is disconnected by zmq; `decode` also refuses larger
-messages), high-water marks, ZMTP heartbeats (a dead TCP peer is noticed within ~3 heartbeats) and,
-when configured, CurveZMQ. Binding sockets are CURVE servers (server secret key file), connecting
-sockets are CURVE clients (client secret key file + server public key file); `start_authenticator`
+messages), high-water marks, ZMTP heartbeats (a dead TCP peer is noticed within ~3 heartbeats; not on the
+weights channel, see below) and, when configured, CurveZMQ. Binding sockets are CURVE servers (server secret
+key file), connecting sockets are CURVE clients (client secret key file + server public key file); `start_authenticator`
 restricts servers to the client public keys in a folder (`network.curve_allowed_clients`; when that is
 set, creating a CURVE server socket before `start_authenticator(ctx, folder)` is a ValueError, since
 libzmq without an authenticator admits any client that knows the server key). Addresses come from the config and default to
@@ -14,8 +14,8 @@ libzmq without an authenticator admits any client that knows the server key). Ad
 |---|---|---|---|
 | work_router  | ROUTER (bind)  | learner  | ROUTER_MANDATORY: send blocks at HWM, raises EHOSTUNREACH for an unknown peer |
 | work_dealer  | DEALER (connect, identity = sampler id) | sampler | send blocks (back-pressure) |
-| weights_pub  | XPUB (bind, VERBOSE, NODROP) | learner | send blocks at `weights_hwm` chunks: weights are never dropped |
-| weights_sub  | SUB (connect) | sampler | subscribes to the broadcast topic and its own topic |
+| weights_pub  | XPUB (bind, VERBOSE, NODROP, no heartbeats) | learner | send blocks at `weights_hwm` chunks: weights are never dropped |
+| weights_sub  | SUB (connect, no heartbeats) | sampler | subscribes to the broadcast topic and its own topic |
 | rollout_push / scored_push | PUSH (connect) | sampler / grader | send blocks: a slow grader/learner slows its producers |
 | rollout_pull / scored_pull | PULL (bind)    | grader / learner | fair-queues all producers |
 
@@ -24,6 +24,18 @@ SUB (subscribing to `BROADCAST_TOPIC` and `personal_topic(sampler_id)`) and send
 DEALER. The learner's XPUB sees the personal subscription only once that SUB is attached, and only then
 (`WeightPublisher.serve_pending`) streams the last version on the personal topic; every later version
 reaches it as a broadcast. Subscription-gated, so no message goes to a pipe that does not exist yet.
+
+No ZMTP heartbeats on the weights channel (HEARTBEAT_IVL 0 on XPUB and SUB): a subscriber that is busy (a
+sampler applying the previous version) stops reading, its queue fills, and libzmq then reads nothing more
+from that connection, PINGs included; PONGs wait behind queued chunks. Either side then times out and
+drops the connection with every chunk queued on it (measured: 8 of 20 chunks arrived, the version never
+completed; libzmq 4.3.5 can also abort on the reconnect). A dead sampler on this channel is noticed by
+TCP instead: keepalive probes (answered by the peer's kernel, however slowly the process reads) when idle,
+retransmission timeouts while chunks are unacknowledged.
+
+Receiving is bounded per MESSAGE, not only per frame (MAXMSGSIZE): `recv_bounded` reads part by part and
+keeps at most `codec.MAX_FRAMES` frames of at most `max_bytes` in all; the rest of an oversized message is
+read and discarded (libzmq itself still buffers a whole message, each part at most MAXMSGSIZE).
 
     ctx = zmq.asyncio.Context(); opts = SocketOptions.from_config(cfg.network)
     pull = scored_pull(ctx, cfg.network.scored_addr, opts)
@@ -43,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import zmq
 import zmq.asyncio
 import zmq.auth
-from minirl_async.proto.codec import decode, encode
+from minirl_async.proto.codec import MAX_FRAMES, decode, encode, short
 from minirl_async.proto.messages import Message, ProtocolError, WeightsRequest
 
 if TYPE_CHECKING:  # weights.py needs torch; graders use these sockets without it
@@ -104,9 +116,16 @@ def _configure(sock: zmq.Socket, opts: SocketOptions, server: bool) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, opts.max_msg_bytes)
     sock.setsockopt(zmq.SNDHWM, opts.hwm)
     sock.setsockopt(zmq.RCVHWM, opts.hwm)
-    ivl = max(1, int(opts.heartbeat_s * 1000))
-    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+    if sock.type in (zmq.XPUB, zmq.SUB):  # weights channel: no heartbeats (module docstring)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 0)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, round(3 * opts.heartbeat_s)))
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, round(opts.heartbeat_s)))
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+    else:
+        ivl = max(1, int(opts.heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
     c = opts.curve
     if server and c.server_secret_file:
         public, secret = _load_keys(c.server_secret_file, "server secret key")
@@ -216,15 +235,33 @@ def start_authenticator(ctx: zmq.Context, allowed_clients_dir: str | None = None
 
 # ---------------------------------------------------------------- sending and receiving
 def send_message(sock: zmq.Socket, msg: Message, *, identity: bytes | None = None,
-                 topic: bytes | None = None, track: bool = False) -> Any:
-    """Encode and send (zero-copy). Returns what send_multipart returns (await it on asyncio sockets): with
-    `track`, a `zmq.MessageTracker` whose `done` turns true once zmq no longer reads the frames' memory."""
+                 topic: bytes | None = None) -> Any:
+    """Encode and send (zero-copy). Returns what send_multipart returns (await it on asyncio sockets). To know
+    when zmq no longer reads the frames' memory, send `tracked_frames(...)` instead (pyzmq's `track=True`
+    tracks only the last frame)."""
     frames = encode(msg)
     if topic is not None:
         frames.insert(0, topic)
     if identity is not None:
         frames.insert(0, identity)
-    return sock.send_multipart(frames, copy=False, track=track)
+    return sock.send_multipart(frames, copy=False)
+
+
+def tracked_frames(frames: list[Any], copy_threshold: int = zmq.COPY_THRESHOLD
+                   ) -> tuple[list[Any], list[zmq.MessageTracker]]:
+    """`frames` to send with copy=False, each that zmq would NOT copy (>= `copy_threshold` bytes: pyzmq copies
+    smaller ones at send) wrapped as a tracked `zmq.Frame`, and the trackers of all of them: zmq no longer
+    reads any frame's memory once every tracker is `done`. Needed because `send_multipart(track=True)` returns
+    the LAST frame's tracker only, already done when that frame was small enough to be copied. Drop the
+    returned frames after sending: a tracker is done only once its Frame object is gone too."""
+    out: list[Any] = []
+    trackers: list[zmq.MessageTracker] = []
+    for f in frames:
+        if not isinstance(f, zmq.Frame) and memoryview(f).nbytes >= copy_threshold:
+            f = zmq.Frame(f, copy=False, track=True)
+            trackers.append(f.tracker)
+        out.append(f)
+    return out, trackers
 
 
 @dataclass
@@ -244,13 +281,16 @@ async def receive_loop(sock: zmq.asyncio.Socket, handle: Handler, *, envelope: L
                        max_bytes: int = 1 << 30, stats: ChannelStats | None = None,
                        log: logging.Logger | None = None) -> None:
     """Receive, decode and hand each message to `handle(msg, peer)` (peer: ROUTER identity or topic, else
-    None) forever; cancel the task to stop. A ProtocolError from decoding or from the handler is logged,
-    counted and the message dropped; any other exception is a bug and propagates."""
+    None) forever; cancel the task to stop. Messages are read with `recv_bounded` (at most `max_bytes` and
+    `codec.MAX_FRAMES` frames besides the envelope). A ProtocolError from receiving, decoding or the handler is
+    logged, counted (message cut to `codec.MAX_ERROR_CHARS`) and the message dropped; any other exception is a
+    bug and propagates."""
     stats = stats if stats is not None else ChannelStats()
     log = log or logging.getLogger("minirl_async.proto")
+    extra = 0 if envelope == "none" else 1
     while True:
-        frames = await sock.recv_multipart(copy=False)
         try:
+            frames = await recv_bounded(sock, max_bytes=max_bytes, max_frames=MAX_FRAMES + extra, skip=extra)
             peer = None
             if envelope != "none":
                 if len(frames) < 2:
@@ -264,8 +304,39 @@ async def receive_loop(sock: zmq.asyncio.Socket, handle: Handler, *, envelope: L
                 await result
         except ProtocolError as e:
             stats.errors += 1
-            stats.last_error = str(e)
-            log.warning("dropped a bad message (%d so far): %s", stats.errors, e)
+            stats.last_error = short(str(e))
+            log.warning("dropped a bad message (%d so far): %s", stats.errors, stats.last_error)
+
+
+async def recv_bounded(sock: zmq.asyncio.Socket, *, max_bytes: int, max_frames: int = MAX_FRAMES,
+                       skip: int = 0) -> list[zmq.Frame]:
+    """One whole multipart message, read part by part (`recv_multipart` would wrap every part first).
+    Keeps at most `max_frames` frames whose sizes, the first `skip` (envelope) frames aside, add up to at most
+    `max_bytes`; past either limit it reads the rest of the message without keeping it and raises
+    ProtocolError, so the next call starts at the next message and what Python holds of an oversized one
+    stays within the limits. (libzmq makes a message readable only once all its parts have arrived, and
+    MAXMSGSIZE bounds each part, not their number: libzmq's own buffer of one message is not bounded here.)"""
+    frames: list[zmq.Frame] = []
+    total, parts, over = 0, 0, ""
+    f = await sock.recv(copy=False)
+    rest: zmq.Socket = zmq.Socket.shadow(sock.underlying)  # the other parts are queued already: read them directly
+    while True:
+        parts += 1
+        if not over:
+            total += len(f) if parts > skip else 0
+            if parts > max_frames:
+                over = f"{max_frames} frames"
+            elif total > max_bytes:
+                over = f"{max_bytes} bytes (max_msg_bytes)"
+            else:
+                frames.append(f)
+        if not f.more:
+            break
+        f = rest.recv(zmq.NOBLOCK, copy=False)
+    if over:
+        frames.clear()
+        raise ProtocolError(f"message exceeds the limit of {over}; dropped its {parts} frames")
+    return frames
 
 
 # ---------------------------------------------------------------- learner side of the weights channel
@@ -294,7 +365,8 @@ class WeightPublisher:
 
     Zero copy: without kept blobs, chunks may VIEW the live weights (`WeightSender.views_live`: tensors sent in
     the dtype they are kept in), and zmq may still be reading them after `send` returns (queued for a slow
-    subscriber). Those sends are tracked, and `hold_weights()` also waits until zmq has released every such
+    subscriber). Every frame of those sends that zmq does not copy is tracked (`tracked_frames`: pyzmq's own
+    tracker covers the last frame only), and `hold_weights()` also waits until zmq has released every such
     frame, so a step never changes weights that are still going out.
     """
 
@@ -323,12 +395,15 @@ class WeightPublisher:
     async def send(self, msg: Message, topic: bytes) -> None:
         """Send one chunk, waiting (not failing) while a subscriber's pipe is at its high-water mark."""
         delay = 0.001
-        live = self.sender.views_live  # this chunk (the sender's last) views the live weights: track it
+        frames: list[Any] = [topic, *encode(msg)]
+        trackers: list[zmq.MessageTracker] = []
+        if self.sender.views_live:  # this chunk (the sender's last) views the live weights: track every frame
+            frames, trackers = tracked_frames(frames, getattr(self.sock, "copy_threshold", zmq.COPY_THRESHOLD))
         while True:
             try:
-                tracker = await send_message(self.sock, msg, topic=topic, track=live)
-                if live and tracker is not None:
-                    self._in_flight.append(tracker)
+                await self.sock.send_multipart(frames, copy=False)
+                if trackers:
+                    self._in_flight = [t for t in self._in_flight if not t.done] + trackers
                 return
             except zmq.Again:
                 self.full_waits += 1

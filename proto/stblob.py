@@ -48,7 +48,20 @@ ST_DTYPES: dict[str, torch.dtype] = {
 }
 """Safetensors dtype names accepted in weight chunks (a whitelist: anything else is a ProtocolError)."""
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-_MAX_HEADER = 64 << 20
+MAX_CHUNK_TENSORS = 4096
+"""Most tensors in one chunk (`WeightSender.plan` starts a new chunk past it): a real header entry is ~100-200
+bytes of JSON and ~10 of the items counted below, so 4096 of them stay far below both header limits."""
+MAX_HEADER_BYTES = 8 << 20
+"""Largest safetensors JSON header accepted or written (4096 entries need ~1 MiB)."""
+MAX_HEADER_ITEMS = 1 << 17
+"""Most JSON items in a header, counted before parsing as its `[`, `{` and `,` bytes (an upper bound of the
+containers and values Python creates, up to a factor ~3). Parsing costs memory per item, not per byte: a
+60 MiB header of `[]` took 1.5 GB; within both limits the worst headers tried peaked at ~30 MB."""
+
+
+def header_items(raw: bytes) -> int:
+    """The item count checked against MAX_HEADER_ITEMS (brackets and commas inside strings count too)."""
+    return raw.count(b"[") + raw.count(b"{") + raw.count(b",")
 
 
 def default_checksum_algo() -> str:
@@ -98,6 +111,9 @@ def blob_header(entries: Sequence[tuple[str, Sequence[int], torch.dtype]],
         pos += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # as safetensors: keeps the data section 8-byte aligned
+    if len(raw) > MAX_HEADER_BYTES or header_items(raw) > MAX_HEADER_ITEMS:  # read_blob would refuse it
+        raise ValueError(f"safetensors header of {len(entries)} tensors ({len(raw)} bytes, {header_items(raw)} "
+                         f"items) is over MAX_HEADER_BYTES {MAX_HEADER_BYTES} or MAX_HEADER_ITEMS {MAX_HEADER_ITEMS}")
     return raw, offsets
 
 
@@ -217,12 +233,17 @@ def read_blob(buf: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if mv.nbytes < 8:
         raise ProtocolError(f"the first blob segment ({mv.nbytes} bytes) is shorter than the length prefix")
     (hlen,) = struct.unpack("<Q", mv[:8])
-    if hlen > min(size - 8, _MAX_HEADER):
+    if hlen > MAX_HEADER_BYTES:
+        raise ProtocolError(f"safetensors header of {hlen} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    if hlen > size - 8:
         raise ProtocolError(f"safetensors header length {hlen} does not fit a {size}-byte blob")
     if hlen > mv.nbytes - 8:
         raise ProtocolError(f"safetensors header of {hlen} bytes does not fit the first segment ({mv.nbytes} bytes)")
+    raw = bytes(mv[8:8 + hlen])
+    if header_items(raw) > MAX_HEADER_ITEMS:
+        raise ProtocolError(f"safetensors header holds more than {MAX_HEADER_ITEMS} JSON items")
     try:
-        header = json.loads(bytes(mv[8:8 + hlen]))
+        header = json.loads(raw)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):

@@ -47,6 +47,7 @@ from functools import partial
 import torch
 from minirl_async.proto.messages import ProtocolError, WeightUpdate
 from minirl_async.proto.stblob import (
+    MAX_CHUNK_TENSORS,
     BlobPool,
     checksum,
     default_checksum_algo,
@@ -192,7 +193,8 @@ class WeightSender:
         return [_Piece(index, wire, (r, min(r + step, rows))) for r in range(0, rows, step)]
 
     def plan(self, version: int, specs: Iterable[TensorSpec]) -> _Plan:
-        """Greedy buckets of at most `chunk_bytes` wire bytes (or one row, if a row is larger)."""
+        """Greedy buckets of at most `chunk_bytes` wire bytes (or one row, if a row is larger) and at most
+        `stblob.MAX_CHUNK_TENSORS` tensors (pieces), so every chunk header is within what `read_blob` accepts."""
         sources = list(specs)
         buckets: list[list[_Piece]] = [[]]
         size, num_tensors, names = 0, 0, set()
@@ -203,7 +205,7 @@ class WeightSender:
             for wire in self._wire_specs(s):
                 num_tensors += 1
                 for piece in self._pieces(index, wire):
-                    if buckets[-1] and size + piece.nbytes > self.chunk_bytes:
+                    if buckets[-1] and (size + piece.nbytes > self.chunk_bytes or len(buckets[-1]) >= MAX_CHUNK_TENSORS):
                         buckets.append([])
                         size = 0
                     buckets[-1].append(piece)

@@ -8,7 +8,15 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from minirl_async.proto.codec import MAX_HEADER_BYTES, MAX_HEADER_ITEMS, decode, encode
+from minirl_async.proto import stblob
+from minirl_async.proto.codec import (
+    MAX_ERROR_CHARS,
+    MAX_FRAMES,
+    MAX_HEADER_BYTES,
+    MAX_HEADER_ITEMS,
+    decode,
+    encode,
+)
 from minirl_async.proto.messages import PROTO_VERSION, ProtocolError, WeightUpdate
 from minirl_async.proto.stblob import checksum, read_blob
 from minirl_async.proto.weights import WeightReceiver, WeightSender, chunk_metadata
@@ -133,6 +141,25 @@ def test_frame_referenced_twice(rollout_frames):
 def test_unreferenced_extra_frame(rollout_frames):
     with pytest.raises(ProtocolError, match="not referenced by the header"):
         decode([*rollout_frames, b"smuggled"])
+
+
+def test_errors_about_many_frames_or_fields_stay_short(rollout_frames):
+    n = len(rollout_frames)
+    with pytest.raises(ProtocolError, match=rf"frames \[{n}, {n + 1}, .*, \.\.\.\] \(50000 in all\) are not referenced") as e:
+        decode([*rollout_frames, *[b""] * 50_000])
+    assert len(str(e.value)) <= MAX_ERROR_CHARS
+    with pytest.raises(ProtocolError, match=r"unexpected field\(s\) \['k0', .*\(20000 in all\)") as e:
+        decode(_with_header(rollout_frames, lambda h: h.update({f"k{i}": "v" * 100 for i in range(20_000)})))
+    assert len(str(e.value)) <= MAX_ERROR_CHARS
+
+
+def test_too_many_frames_are_refused_on_both_ends():
+    with pytest.raises(ProtocolError, match=f"message of {MAX_FRAMES + 1} frames exceeds the limit of {MAX_FRAMES}"):
+        decode([b"\x80"] * (MAX_FRAMES + 1))
+    msg = WeightUpdate(version=1, publish_id=1, chunk_index=0, num_chunks=1, num_tensors=1, blob=[b"x"] * MAX_FRAMES,
+                       checksum=1, checksum_algo="crc32")
+    with pytest.raises(ProtocolError, match=f"{MAX_FRAMES + 1} frames exceed the limit of {MAX_FRAMES}"):
+        encode(msg)
 
 
 def test_nan_where_finite_required(rollout_factory):
@@ -399,3 +426,31 @@ def test_deeply_nested_safetensors_header():
                        checksum=checksum(blob, "crc32"), checksum_algo="crc32")
     with pytest.raises(ProtocolError, match="not valid JSON"):
         WeightReceiver().feed(msg)
+
+
+@pytest.mark.parametrize("body, match", [
+    (b'{"x":[' + b"[]," * ((stblob.MAX_HEADER_BYTES - 16) // 3) + b"[]]}", "more than 131072 JSON items"),
+    (b'{"x":"' + b"a" * stblob.MAX_HEADER_BYTES + b'"}', "header of 8388616 bytes exceeds the limit of 8388608"),
+])
+def test_safetensors_header_is_bounded_before_parsing(body, match):
+    import struct
+    import tracemalloc
+
+    # a 60 MiB header of `[]` items grew the receiver by 1.5 GB; now refused before json.loads
+    body += b" " * (-len(body) % 8)
+    blob = struct.pack("<Q", len(body)) + body
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match=match):
+            read_blob(blob)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(body) + (1 << 20), f"refusing the header peaked at {peak >> 20} MiB"
+
+
+def test_writers_refuse_headers_the_reader_would_refuse():
+    with pytest.raises(ValueError, match="over MAX_HEADER_BYTES"):
+        stblob.write_blob([("n" * stblob.MAX_HEADER_BYTES, torch.zeros(1))])
+    with pytest.raises(ValueError, match="MAX_HEADER_ITEMS"):
+        stblob.write_blob([("w", torch.zeros(1))], metadata={"m": "," * stblob.MAX_HEADER_ITEMS})

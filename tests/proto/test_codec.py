@@ -115,8 +115,19 @@ def test_work_grant_is_groups_or_backoff():
         encode(WorkGrant())
 
 
-def test_rollout_group_is_not_its_subclass():
-    assert RolloutGroup.TYPE != ScoredGroup.TYPE
+def test_the_wire_type_not_the_subclass_decides_the_schema(rollout_factory):
+    """ScoredGroup subclasses RolloutGroup: each decodes as exactly its own type, and neither's frames are
+    accepted under the other's name (a RolloutGroup lacks the rewards, a ScoredGroup has fields too many)."""
+    g = rollout_factory(np.random.default_rng(9))
+    s = ScoredGroup.from_rollout(g, np.array([1.0, 0.0, 0.5], np.float32))
+    for msg in (g, s):
+        assert type(decode(_to_bytes(encode(msg)))) is type(msg)
+    for msg, other, match in [(g, ScoredGroup, "missing field"), (s, RolloutGroup, "unexpected field")]:
+        frames = _to_bytes(encode(msg))
+        header = msgpack.unpackb(frames[0], raw=False)
+        header["type"] = other.TYPE
+        with pytest.raises(ProtocolError, match=f"{other.__name__}: {match}"):
+            decode([msgpack.packb(header, use_bin_type=True), *frames[1:]])
 
 
 def _response(**kw):

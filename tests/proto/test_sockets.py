@@ -7,17 +7,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import tracemalloc
 
 import msgpack
 import pytest
 import torch
 import zmq
 import zmq.asyncio
-from minirl_async.proto.codec import decode, encode
+from minirl_async.proto.codec import MAX_FRAMES, decode, encode
 from minirl_async.proto.keys import main as keys_main
 from minirl_async.proto.messages import (
     PROTO_VERSION,
     Heartbeat,
+    ProtocolError,
     WeightsRequest,
     WeightUpdate,
     WorkGrant,
@@ -30,10 +32,12 @@ from minirl_async.proto.sockets import (
     SocketOptions,
     WeightPublisher,
     receive_loop,
+    recv_bounded,
     scored_pull,
     scored_push,
     send_message,
     start_authenticator,
+    tracked_frames,
     weights_pub,
     weights_sub,
     work_dealer,
@@ -85,6 +89,54 @@ async def test_receive_loop_counts_bad_messages_and_keeps_serving(transport, tcp
         assert "exceeds the limit" in stats.last_error
         logged = [r.getMessage() for r in caplog.records if r.name == "minirl_async.proto"]
         assert len(logged) == 3 and "protocol version mismatch" in logged[1] and "(3 so far)" in logged[2]
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("envelope", ["none", "identity"])
+async def test_receive_loop_bounds_whole_messages_not_only_frames(ipc_addr, envelope):
+    # MAXMSGSIZE bounds each frame; a message of very many frames, or of many frames that are each under the
+    # limit, must be dropped without being kept whole, counted, logged in one short line, and the loop must
+    # go on with the next message.
+    ctx = zmq.asyncio.Context()
+    pull = (work_router if envelope == "identity" else scored_pull)(ctx, ipc_addr, OPTS)
+    push = (work_dealer(ctx, ipc_addr, "s7", OPTS) if envelope == "identity" else scored_push(ctx, ipc_addr, OPTS))
+    got, stats = [], ChannelStats()
+    header = encode(Heartbeat(sender="x", role="r", seq=0, time_s=0.0))[0]
+    try:
+        async with _task(receive_loop(pull, lambda m, p: got.append((m, p)), envelope=envelope, stats=stats,
+                                      max_bytes=1 << 20)):
+            await push.send_multipart([header] + [b""] * MAX_FRAMES)   # one frame too many
+            await push.send_multipart([header] + [b"y" * (400 << 10)] * 3)   # 1.2 MB in frames of 400 kB
+            await send_message(push, WorkRequest(sampler_id="s7", free_slots=1, weight_version=0))
+            await _until(lambda: len(got) == 1 and stats.errors == 2)
+        assert got[0][0].TYPE == "WorkRequest" and got[0][1] == (b"s7" if envelope == "identity" else None)
+        assert stats.received == 1 and stats.by_type == {"WorkRequest": 1}
+        assert "exceeds the limit of 1048576 bytes" in stats.last_error and f"dropped its {4 + (envelope != 'none')} frames" in stats.last_error
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_recv_bounded_drains_a_refused_message_and_keeps_the_next(ipc_addr):
+    ctx = zmq.asyncio.Context()
+    pull, push = scored_pull(ctx, ipc_addr, OPTS), scored_push(ctx, ipc_addr, OPTS)
+    try:
+        await push.send_multipart([b"a"] * 11)
+        await push.send_multipart([b"b"] * 10)
+        with pytest.raises(ProtocolError, match="exceeds the limit of 10 frames; dropped its 11 frames"):
+            await asyncio.wait_for(recv_bounded(pull, max_bytes=100, max_frames=10), 10)
+        assert [f.bytes for f in await asyncio.wait_for(recv_bounded(pull, max_bytes=100, max_frames=10), 10)] == [b"b"] * 10
+        await push.send_multipart([b""] * 100_000)   # recv_multipart would hold 100k frames (~40 MB) at once
+        await send_message(push, Heartbeat(sender="x", role="r", seq=0, time_s=0.0))
+        tracemalloc.start()
+        try:
+            with pytest.raises(ProtocolError, match="dropped its 100000 frames"):
+                await asyncio.wait_for(recv_bounded(pull, max_bytes=100, max_frames=10), 10)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, f"refusing 100k frames peaked at {peak >> 10} KiB"
+        assert decode(await asyncio.wait_for(recv_bounded(pull, max_bytes=100), 10)).TYPE == "Heartbeat"
     finally:
         ctx.destroy(linger=0)
 
@@ -354,6 +406,71 @@ async def test_hold_waits_until_zmq_lets_go_of_frames_viewing_the_live_weights(t
             for v in state.values():            # the step may now change the weights
                 v.zero_()
         assert all(torch.equal(got.tensors[k], v) for k, v in expected.items())
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_hold_waits_for_every_live_frame_not_only_the_last_of_a_chunk(tcp_addr):
+    # Each chunk is header | 2 MiB live tensor (zero copy) | 32-byte tensor (copied: under zmq's copy
+    # threshold). pyzmq's send_multipart(track=True) tracks only that last, copied frame, done at once: the
+    # step below then changed weights still queued for the slow subscriber (checksum mismatch on arrival).
+    ctx = zmq.asyncio.Context()
+    opts = SocketOptions(linger_ms=0, heartbeat_s=0.5, weights_hwm=16)
+    try:
+        publisher = WeightPublisher(weights_pub(ctx, tcp_addr, opts), WeightSender(chunk_bytes=(2 << 20) + 4096))
+        sub = weights_sub(ctx, tcp_addr, "slow", SocketOptions(linger_ms=0, heartbeat_s=0.5, weights_hwm=1))
+        sub.setsockopt(zmq.RCVBUF, 1 << 16)
+        async with _task(publisher.run_subscriptions()):
+            await _until(lambda: publisher.subscribed)
+            state = {}
+            for i in range(8):
+                state[f"w{i}"] = torch.randn(512, 1024)
+                state[f"n{i}"] = torch.ones(16, dtype=torch.float16)
+            expected = {k: v.clone() for k, v in state.items()}
+            assert await asyncio.wait_for(publisher.publish(1, lambda: state.items()), 10) == 8
+            assert publisher.sender.views_live
+
+            async def step():
+                await publisher.hold_weights()
+                for v in state.values():
+                    v.add_(1)
+
+            stepped = asyncio.create_task(step())
+            await asyncio.sleep(0.3)
+            assert not stepped.done()          # the subscriber has read nothing yet
+            got = await _receive_version(sub)  # a changed chunk would fail its checksum here
+            await asyncio.wait_for(stepped, 10)
+        assert all(torch.equal(got.tensors[k], v) for k, v in expected.items())
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_tracked_frames_track_every_frame_zmq_does_not_copy():
+    big, small = bytearray(1 << 16), bytearray(100)
+    frames, trackers = tracked_frames([b"topic", big, small, big], copy_threshold=1 << 16)
+    assert [type(f) for f in frames] == [bytes, zmq.Frame, bytearray, zmq.Frame] and len(trackers) == 2
+    assert all(frames[i].tracker is trackers[j] for i, j in ((1, 0), (3, 1)))
+
+
+async def test_a_subscriber_that_reads_late_still_gets_every_chunk(tcp_addr, ipc_addr):
+    # A busy sampler stops reading and its queue fills; with ZMTP heartbeats on the weights channel, the
+    # unanswered PINGs dropped the connection and the chunks queued on it (the version never completed).
+    ctx = zmq.asyncio.Context()
+    opts = SocketOptions(linger_ms=0, heartbeat_s=0.1, weights_hwm=16)
+    try:
+        pub = weights_pub(ctx, tcp_addr, opts)
+        publisher = WeightPublisher(pub, WeightSender(chunk_bytes=1 << 20))
+        sub = weights_sub(ctx, tcp_addr, "late", SocketOptions(linger_ms=0, heartbeat_s=0.1, weights_hwm=1))
+        sub.setsockopt(zmq.RCVBUF, 1 << 16)
+        assert pub.getsockopt(zmq.HEARTBEAT_IVL) == sub.getsockopt(zmq.HEARTBEAT_IVL) == 0
+        assert scored_pull(ctx, ipc_addr, opts).getsockopt(zmq.HEARTBEAT_IVL) == 100  # other sockets keep them
+        async with _task(publisher.run_subscriptions()):
+            await _until(lambda: publisher.subscribed)
+            state = {f"w{i}": torch.randn(256, 1024) for i in range(12)}
+            assert await asyncio.wait_for(publisher.publish(1, lambda: state.items()), 10) == 12
+            await asyncio.sleep(1.5)   # 15 heartbeat intervals
+            got = await _receive_version(sub)
+        assert all(torch.equal(got.tensors[k], v) for k, v in state.items())
     finally:
         ctx.destroy(linger=0)
 

@@ -7,7 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 from minirl_async.proto.messages import ProtocolError
-from minirl_async.proto.stblob import read_blob, write_blob
+from minirl_async.proto.stblob import MAX_CHUNK_TENSORS, read_blob, write_blob
 from minirl_async.proto.weights import TensorSpec, WeightReceiver, WeightSender
 
 from minirl_async.models.fp8 import dequantize_block_fp8, quantize_block_fp8
@@ -56,6 +56,14 @@ def test_buckets_respect_chunk_size_and_split_larger_tensors():
     sizes = [sum(p.nbytes for p in b) for b in plan.buckets]
     assert sizes == [800, 800, 400, 1000, 1000, 1000, 1000]  # 400-byte tensors two per chunk; big in 4 row pieces
     assert plan.num_tensors == 6 and [p.rows for p in plan.buckets[-1]] == [(750, 1000)]
+
+
+def test_chunks_hold_at_most_max_chunk_tensors_so_their_headers_stay_readable():
+    state = {f"model.layers.{i}.norm.bias": torch.full((1,), float(i)) for i in range(MAX_CHUNK_TENSORS + 10)}
+    msgs = list(WeightSender(chunk_bytes=64 << 20).publish(1, lambda: state.items()))
+    assert len(msgs) == 2
+    out = _run(msgs)
+    assert all(torch.equal(out.tensors[k], v) for k, v in state.items())
 
 
 def test_tensors_larger_than_a_chunk_travel_in_row_pieces():
