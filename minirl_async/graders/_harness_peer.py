@@ -27,6 +27,23 @@ _NO_IMPORT = frozenset(("antigravity", "this", "__hello__", "__phello__", "idlel
                         "tkinter", "webbrowser", "pydoc", "ensurepip", "venv", "unittest"))
 
 
+def _safe_std_types() -> frozenset:
+    import datetime
+    import io
+
+    return frozenset((io.StringIO, io.BytesIO, datetime.date, datetime.datetime, datetime.time, datetime.timedelta))
+
+
+_SAFE_STD_TYPES = _safe_std_types()
+"""Standard-library value types tests commonly hand to a program (an input stream, a date) whose public
+attributes lead nowhere into the judge (taken when the harness starts, before any program code runs)."""
+
+
+def _harness_types() -> frozenset:
+    """The classes of the joined harness script (module `__main__`, like the tests' classes)."""
+    return frozenset(v for v in globals().values() if isinstance(v, type) and v.__module__ == __name__)
+
+
 class Peer(Codec):
     """One side of the channel: encodes values as plain data or handles (`Codec`), serves the other side's
     requests on its own objects, and proxies the other side's objects. `restricted` (the judge) lets the
@@ -123,6 +140,23 @@ class Peer(Codec):
             raise TypeError("not an object of this side")
         return x
 
+    def _reachable(self, obj: object) -> object:
+        """On the judge's side, the program may use attributes only of instances of classes the TESTS define
+        (a tree node, a test double). Public attributes of anything else lead back into the judge: a
+        generator's `gi_frame.f_globals["__builtins__"].exec`, a traceback's `tb_frame`, a module's members.
+        The tests run as `__main__` in their own namespace; the harness's classes are `__main__` too, so they
+        are named and refused."""
+        if not self.restricted:
+            return obj
+        cls = type(obj)
+        if cls in _SAFE_STD_TYPES:
+            return obj
+        if cls.__module__ != "__main__" or isinstance(obj, type) or cls in _harness_types():
+            raise AttributeError(f"the program may use attributes only of instances of classes the tests "
+                                 f"define (or of {', '.join(sorted(t.__name__ for t in _SAFE_STD_TYPES))}), "
+                                 f"not of a {cls.__name__}")
+        return obj
+
     def _public(self, name: object) -> str:
         if type(name) is not str:
             raise TypeError("attribute names are strings")
@@ -148,12 +182,12 @@ class Peer(Codec):
             return result, mut
         obj = self._mine(a[0])
         if op == "getattr":
-            return getattr(obj, self._public(a[1])), mut
+            return getattr(self._reachable(obj), self._public(a[1])), mut
         if op == "setattr":
-            setattr(obj, self._public(a[1]), a[2])
+            setattr(self._reachable(obj), self._public(a[1]), a[2])
             return None, mut
         if op == "delattr":
-            delattr(obj, self._public(a[1]))
+            delattr(self._reachable(obj), self._public(a[1]))
             return None, mut
         if op == "getitem":
             return obj[a[1]], mut  # type: ignore[index]

@@ -116,9 +116,14 @@ def test_memory_hog_hits_the_memory_limit(grader: CodeGrader) -> None:
 
 
 def test_network_is_refused(grader: CodeGrader) -> None:
-    prog = ("import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', 9))\n")
-    reward, info = _grade(grader, prog, tests="pass")
-    assert reward == 0.0 and ("PermissionError" in info["failure"] or "Connection" in info["failure"])
+    # a listener of the host: without isolation the connection succeeds and the run passes
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        prog = f"import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))\n"
+        reward, info = _grade(grader, prog, tests="pass")
+    assert reward == 0.0 and any(e in info["failure"] for e in ("PermissionError", "Connection", "unreachable"))
 
 
 def test_network_namespace_has_no_interface(grader: CodeGrader) -> None:
@@ -251,6 +256,13 @@ RPC_CASES = {
                 "def build(xs):\n    h = None\n    for x in reversed(xs):\n        h = Node(x, h)\n    return h\n",
                 "h = build([1, 2, 3])\nassert h.v == 1 and h.nxt.v == 2 and len(h) == 3\nassert h == Node(1)\n"
                 "h.v = 9\nassert h.v == 9\n"),
+    # the judge's objects the program may use: instances of the tests' classes, a stream, a generator
+    "judge objects": ("def walk(node, out):\n    while node is not None:\n        out.append(node.v)\n"
+                      "        node.seen = True\n        node = node.nxt\n    return out\n"
+                      "def first_line(f):\n    return f.readline().strip()\ndef total(it):\n    return sum(it)\n",
+                      "import io\nclass N:\n    def __init__(self, v, nxt=None):\n        self.v, self.nxt = v, nxt\n"
+                      "n = N(1, N(2))\nassert walk(n, []) == [1, 2] and n.seen and n.nxt.seen\n"
+                      "assert first_line(io.StringIO('7 8\\n9')) == '7 8'\nassert total(x * x for x in range(4)) == 14\n"),
     "globals and imports": ("import math\nMOD = 10 ** 9 + 7\nTABLE = [1, 2, 3]\ndef f():\n    return MOD\n",
                             "assert f() == MOD and TABLE[1] == 2 and math.sqrt(4) == 2\n"),
 }
@@ -261,6 +273,32 @@ def test_the_tests_use_the_program_through_plain_data(grader: CodeGrader, name: 
     program, tests = RPC_CASES[name]
     reward, info = _grade(grader, program, tests=tests)
     assert reward == 1.0, info
+
+
+# Ways from a judge object's public attributes back to the judge's builtins: each would run code in the
+# judge (here: write the verdict and exit) if the program could follow it.
+_FORGE = ("b.exec(\"import os, sys, json; c = json.loads(sys.argv[1]); os.write(c['verdict_fd'], "
+          "b'minirl-judge: every test passed\\\\n'); os._exit(0)\", {})\n")
+JUDGE_ESCAPES = {
+    "generator frame": ("def total(it):\n    b = it.gi_frame.f_globals['__builtins__']\n    " + _FORGE + "    return -1\n",
+                        "assert total(x * x for x in range(4)) == 14\nassert 1 == 2\n"),
+    "callback's frame via a traceback": (
+        "def total(f):\n    try:\n        f()\n    except Exception as e:\n        tb = e.__traceback__\n"
+        "    return -1\n", "def boom():\n    raise ValueError('x')\nassert total(boom) == 14\nassert 1 == 2\n"),
+    "class of a test object": ("def total(o):\n    m = o.helper.__class__\n    return -1\n",
+                               "class T:\n    helper = len\nassert total(T()) == 14\nassert 1 == 2\n"),
+    "a test's function object": ("def total(f):\n    g = f.__globals__['__builtins__']\n    return -1\n",
+                                 "assert total(lambda: 0) == 14\nassert 1 == 2\n"),
+    "module handed over": ("def total(m):\n    b = m.sys.modules['builtins']\n    " + _FORGE + "    return -1\n",
+                           "import os\nassert total(os) == 14\nassert 1 == 2\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JUDGE_ESCAPES))
+def test_the_program_cannot_reach_into_the_judge(grader: CodeGrader, name: str) -> None:
+    program, tests = JUDGE_ESCAPES[name]
+    reward, info = _grade(grader, program, tests=tests)
+    assert reward == 0.0, info
 
 
 def test_program_objects_never_equal_plain_data(grader: CodeGrader) -> None:
