@@ -230,7 +230,7 @@ def make_engine(cfg: Config, *, model_cfg: ModelConfig, state: NamedTensors | No
     if name == "torch_fp8":
         from minirl_async.engine.torch_fp8 import TorchFP8Engine
 
-        eng = TorchFP8Engine.from_config(cfg, model_cfg)
+        eng = TorchFP8Engine.from_config(cfg, model_cfg, index)
         if state is not None:
             eng.update_weights(version, state)
         return eng

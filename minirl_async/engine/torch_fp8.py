@@ -23,7 +23,7 @@ How a batch runs (`generate`, blocking, one caller thread at a time; see base.py
 - Weights: `update_weights` validates and dequantises outside any lock (weights.py), then swaps every
   parameter at a version boundary: after the running batch, or, in interruptible mode, between two
   decode steps (tokens record the version that produced them). `pause()` holds the loop at the next step
-  boundary; updates may be applied while paused.
+  boundary; an update goes in while paused only between batches, or mid-batch in interruptible mode.
 
 Numerics: linear projections hold the values of block-FP8 weights (`float8_e4m3fn` x `weight_scale_inv`)
 cached in the compute dtype (weights.py explains why cached); embeddings, norms, router and lm_head stay in
@@ -148,12 +148,14 @@ class TorchFP8Engine:
         self.capture_routes = capture_routes
 
     @classmethod
-    def from_config(cls, cfg: Config, model_cfg: ModelConfig) -> TorchFP8Engine:
+    def from_config(cls, cfg: Config, model_cfg: ModelConfig, index: int = 0) -> TorchFP8Engine:
+        """The engine of sampler `index`: seeds of unseeded requests from run.seed * 1000 + index (as the
+        fake and SGLang engines), so two samplers never draw the same ones."""
         s = cfg.sampler
         return cls(model_cfg, fp8=s.fp8, fp8_block=cfg.model.fp8_block_size, dtype=_DTYPES[s.compute_dtype],
                    device=s.device, max_batch_size=s.max_batch_size, max_context=s.max_context or None,
                    capture_routes=s.capture_routes,
-                   interruptible=s.interruptible, seed=cfg.run.seed)
+                   interruptible=s.interruptible, seed=cfg.run.seed * 1000 + index)
 
     # ------------------------------------------------------------------------------------ control plane
     @property
@@ -246,12 +248,15 @@ class TorchFP8Engine:
             self._cv.notify_all()
 
     def _boundary(self) -> None:
-        """Between two steps: honour pause, and in interruptible mode let a pending update swap in."""
+        """Between two steps: honour pause, and in interruptible mode let a pending update swap in. Paused
+        mid-batch, a non-interruptible engine stays busy: an update still waits for the end of the batch (a
+        response never mixes versions)."""
         with self._cv:
-            if self._paused or (self.interruptible and self._swap_pending):
-                self._busy = False
+            swap = self.interruptible
+            if self._paused or (swap and self._swap_pending):
+                self._busy = not swap
                 self._cv.notify_all()
-                while self._paused or (self.interruptible and self._swap_pending):
+                while self._paused or (swap and self._swap_pending):
                     self._cv.wait()
                 self._busy = True
 
@@ -279,7 +284,8 @@ class TorchFP8Engine:
             plain = (float(torch.tensor(p.temperature, dtype=torch.float32)) > 0 and p.top_p >= 1
                      and not 0 < p.top_k < self.cfg.vocab_size)
             for j in range(p.n):
-                queue.append(_Seq(r, j, prompt, p, random.Random(base + j),
+                # (base + j) mod 2**64: Random(-k) is Random(k), so seeds -1 .. 1 would repeat a sample
+                queue.append(_Seq(r, j, prompt, p, random.Random((base + j) % 2 ** 64),
                                   min(p.max_new_tokens, self.max_context - len(prompt)),
                                   frozenset(p.stop_token_ids), t0, plain))
         self._enter()

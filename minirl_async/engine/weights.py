@@ -38,6 +38,7 @@ from minirl_async.models.fp8 import (
 )
 from minirl_async.models.hf_io import expected_hf_shapes
 
+_SCALE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)   # (no isfinite for float8)
 _EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
@@ -89,7 +90,7 @@ def check_update(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], block: i
                 problems.append(f"{name + SCALE_SUFFIX} is a {type(scale).__name__}, not a tensor")
             else:
                 n, m = -(-shape[0] // block), -(-shape[1] // block)
-                if tuple(scale.shape) != (n, m) or not scale.is_floating_point():
+                if tuple(scale.shape) != (n, m) or scale.dtype not in _SCALE_DTYPES:
                     problems.append(f"{name + SCALE_SUFFIX} has shape {tuple(scale.shape)} {scale.dtype}, expected "
                                     f"({n}, {m}) float32 for block {block}")
                 elif not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):

@@ -262,6 +262,30 @@ def test_unseeded_requests_differ() -> None:
     assert len(seen) > 1
 
 
+def test_negative_seeds_give_distinct_samples() -> None:
+    # random.Random(-k) is Random(k): seed -1 with n = 3 repeated its sample 0 as sample 2
+    cfg = tiny()
+    eng = engine64(cfg, model64(cfg, seed=6))
+    out = eng.generate([GenerateRequest([1, 2], SamplingParams(temperature=1.0, max_new_tokens=12, n=3, seed=-1)),
+                        GenerateRequest([1, 2], SamplingParams(temperature=1.0, max_new_tokens=12, seed=-7)),
+                        GenerateRequest([1, 2], SamplingParams(temperature=1.0, max_new_tokens=12, seed=7))])
+    toks = [tuple(r.response_ids.tolist()) for rolls in out for r in rolls]
+    assert len(set(toks)) == len(toks), toks
+
+
+def test_samplers_of_one_run_draw_different_unseeded_samples() -> None:
+    cfg = Config()
+    cfg.sampler.compute_dtype = "fp32"
+    cfg.model.fp8_block_size = 8
+    mcfg = tiny()
+    state = dict(iter_hf_state(model64(mcfg, seed=6).float()))
+    req = [GenerateRequest([1, 2], SamplingParams(temperature=1.0, max_new_tokens=12, n=2))]
+    a, b = (make_engine(cfg, model_cfg=mcfg, state=state, version=0, index=i).generate(req)[0] for i in (0, 1))
+    again = make_engine(cfg, model_cfg=mcfg, state=state, version=0, index=0).generate(req)[0]
+    ids = [[r.response_ids.tolist() for r in rolls] for rolls in (a, b, again)]
+    assert ids[0] != ids[1] and ids[0] == ids[2]     # per sampler index, reproducible per run seed
+
+
 def _gap(learner: Qwen3MoeForCausalLM, cfg: ModelConfig, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sampled token: sampler logprob - learner logprob, and full-vocab KL(mu || pi) at that position."""
     eng = TorchFP8Engine(cfg, fp8=fp8, fp8_block=8, dtype=torch.bfloat16)

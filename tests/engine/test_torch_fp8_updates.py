@@ -16,7 +16,7 @@ from engine_testkit import PROMPTS, engine64, model64, reference_decode, tiny
 
 from minirl_async.engine.base import GenerateRequest, SamplingParams, WeightUpdateError
 from minirl_async.engine.torch_fp8 import TorchFP8Engine
-from minirl_async.models.fp8 import quantize_state
+from minirl_async.models.fp8 import quantize_block_fp8, quantize_state
 from minirl_async.models.hf_io import iter_hf_state
 from minirl_async.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -59,6 +59,9 @@ def test_bad_weight_updates_refused_and_old_weights_kept() -> None:
         "non-finite": {**good, name: torch.full_like(good[name], float("nan"))},
         "is float8 but": {**good, name: good[name].to(torch.float8_e4m3fn)},
         "scale_inv is a list": {**good, name: good[name].to(torch.float8_e4m3fn), name + "_scale_inv": [1.0]},
+        "float8_e4m3fn, expected": {**good, **{k: v.to(torch.float8_e4m3fn) if k.endswith("scale_inv") else v
+                                               for k, v in zip((name, name + "_scale_inv"),
+                                                               quantize_block_fp8(good[name], eng.fp8_block))}},
     }
     for needle, state in cases.items():
         with pytest.raises(WeightUpdateError, match=needle):
@@ -136,6 +139,32 @@ def test_update_waits_for_the_batch_when_not_interruptible() -> None:
     eng, out = _update_mid_generation(interruptible=False)
     assert eng.version == 1
     assert all(r[0].versions.tolist() == [0] * 8 for r in out)
+
+
+def test_pausing_mid_batch_does_not_let_an_update_in_when_not_interruptible() -> None:
+    cfg = tiny()
+    m0, m1 = model64(cfg, seed=0), model64(cfg, seed=1)
+    eng = engine64(cfg, m0, interruptible=False, max_batch_size=4)
+    steps = {"n": 0}
+    orig = eng._decode
+    threads: list[threading.Thread] = []
+
+    def decode(*a: object) -> None:
+        orig(*a)  # type: ignore[arg-type]
+        steps["n"] += 1
+        if steps["n"] == 3:   # pause, start an update, and resume a little later from another thread
+            eng.pause()
+            threads.append(threading.Thread(target=eng.update_weights, args=(1, dict(iter_hf_state(m1)))))
+            threads.append(threading.Timer(0.3, eng.resume))
+            for th in threads:
+                th.start()
+
+    eng._decode = decode  # type: ignore[method-assign]
+    out = eng.generate([GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=8)) for p in PROMPTS[:3]])
+    for th in threads:
+        th.join(30)
+    assert all(r[0].versions.tolist() == [0] * 8 for r in out)   # the update waited for the batch's end
+    assert eng.version == 1
 
 
 def test_pause_holds_generation_until_resume() -> None:
