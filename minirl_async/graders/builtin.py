@@ -147,9 +147,11 @@ def last_boxed(text: str) -> str | None:
 def normalize_math(ans: str) -> str:
     """Canonical string form of a final math answer (spacing, $, \\text, \\frac, %, degrees, 'x=').
     Brackets and commas of tuples and intervals stay; parentheses around a single number go ("(-5)" -> "-5")."""
-    s = ans.strip()
+    s = ans.strip().strip("*_").strip()   # markdown emphasis around the answer: **42**
     s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
-    for tok in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "$", "\\%", "%", "^\\circ", "^{\\circ}", "\\circ"):
+    s = s.replace("{,}", "")              # LaTeX thousands separator: 1{,}000
+    for tok in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\$", "$", "\\%", "%", "^\\circ", "^{\\circ}",
+                "\\circ"):
         s = s.replace(tok, "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
@@ -166,7 +168,7 @@ def extract_math_answer(text: str) -> str | None:
         return boxed
     if ANSWER_PREFIX in text:
         return extract_answer(text, ANSWER_PREFIX)
-    m = list(re.finditer(r"(?:answer is|Answer:)\s*([^\n]+)", text))
+    m = list(re.finditer(r"(?:answer is|Answer:)\s*:?\s*([^\n]+)", text))
     if m:
         return m[-1].group(1).strip().rstrip(".")
     nums = _NUMBER.findall(text)
@@ -373,6 +375,12 @@ class MathGrader:
             if not ok:
                 na, nb = _to_number(a), _to_number(b)
                 ok = na is not None and nb is not None and na == nb
+                if not ok and na is None and nb is not None and last_boxed(sample.response_text) is None:
+                    # "The answer is 42, as required.": a numeric reference against the FIRST number of the
+                    # answer sentence (the first only: listing candidates gains nothing)
+                    first = _NUMBER.findall(got)
+                    n0 = _to_number(first[0]) if first else None
+                    ok = n0 is not None and n0 == nb
         except (ValueError, ArithmeticError, RecursionError) as e:
             return GradeResult(0.0, {**info, "extracted": None, "error": f"{type(e).__name__}: {e}"[:200]})
         return GradeResult(float(ok), {**info, "extracted": got[:200]})

@@ -26,7 +26,10 @@ What is enforced (`CodeGrader.enforced` lists what this machine allows; see `_is
   a program that loops forever scores 0 instead of failing the grader; on expiry the whole process group is
   SIGKILLed (and the PID namespace with it, below);
 - RLIMIT_CPU, RLIMIT_AS (`memory_mb`: allocation past it raises MemoryError), RLIMIT_FSIZE (output and
-  files), RLIMIT_NOFILE, no core dumps, RLIMIT_NPROC (`max_processes` beyond the uid's current count);
+  files), RLIMIT_NOFILE, no core dumps, RLIMIT_NPROC (`max_processes` beyond the uid's current count).
+  These are per PROCESS: a run that forks can hold up to `memory_mb` x (`max_processes` + 1) in all (4.5 GB
+  with the defaults), times `grader.concurrency` runs at once; size them together for the machine (no
+  cgroup is used, so there is no per-run total);
 - a distinct identity per concurrent run when the grader is root: the program and the judge of each run
   get their own uids (`uid_base` upwards, uids with no passwd/group entry), so runs cannot signal, trace or
   touch each other, and their files and process counts are apart; unprivileged graders run everything as
@@ -104,7 +107,7 @@ class RunResult:
 class CodeGrader:
     """Grades programs by running them against the task's tests in a sandbox (see module docstring)."""
 
-    def __init__(self, timeout_s: float = 5.0, memory_mb: int = 512, max_processes: int = 32,
+    def __init__(self, timeout_s: float = 5.0, memory_mb: int = 512, max_processes: int = 8,
                  max_output_mb: int = 16, python: str = "", partial: bool = False,
                  total_timeout_s: float | None = None, uid_base: int = UID_BASE):
         if timeout_s <= 0 or memory_mb < 64:

@@ -13,8 +13,12 @@ cannot be killed from Python: its thread is abandoned at the timeout and counted
 finishes (a done-callback takes it off). Abandoned threads do not hold a grading slot, but at most
 `concurrency` of them may exist: beyond that new sync calls wait (not timed) until one finishes, so a
 grader that hangs for good costs at most 2 x `concurrency` threads, never an unbounded number. Async graders
-are cancelled at the timeout. Code under test never runs here: the `code` grader runs it in a sandboxed
-subprocess.
+are cancelled at the timeout and not waited for (one that swallows the cancellation keeps running in the
+background, counted in `abandoned_tasks` until it ends; one that blocks the event loop cannot be bounded:
+make it sync). The
+time of a sync grader that returns an awaitable counts against the same deadline. Whatever a grader raises,
+SystemExit and KeyboardInterrupt included, is a `raised` failure of that sample, never of the process. Code
+under test never runs here: the `code` grader runs it in a sandboxed subprocess.
 
 A grader with a `fit_time_budget(seconds)` method (the built-in `code` and `math` graders) is told
 `timeout_s` when the runner is built, and keeps all its work on one sample a margin below it: what the graded
@@ -34,6 +38,7 @@ import logging
 import math
 import numbers
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -112,6 +117,7 @@ class GraderRunner:
         self._sem_loop: asyncio.AbstractEventLoop | None = None
         self._stuck_lock = threading.Lock()  # abandoned threads finish (and uncount) on their own threads
         self._stuck_threads = 0
+        self.abandoned_tasks = 0  # async calls cancelled at their timeout that have not ended yet
 
     @classmethod
     def from_config(cls, section: GraderSection) -> GraderRunner:
@@ -152,10 +158,40 @@ class GraderRunner:
         threading.Thread(target=run, name="grader", daemon=True).start()
         return fut
 
+    async def _await_until(self, awaitable: Any, deadline: float) -> Any:
+        """The awaitable's result, run as its own task until `deadline`: past it the task is cancelled and
+        abandoned, not awaited (a grader that swallows CancelledError would hold the sample forever).
+        Anything it raises comes back as an exception of this call: SystemExit and KeyboardInterrupt
+        escaping a task would end the event loop instead."""
+        async def guarded() -> tuple[bool, Any]:
+            try:
+                return True, await awaitable
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # noqa: BLE001 - returned, re-raised in the caller's task
+                return False, e
+
+        task = asyncio.ensure_future(guarded())
+        done, _ = await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0.0))
+        if not done:
+            task.cancel()
+            self.abandoned_tasks += 1
+            task.add_done_callback(self._task_ended)
+            raise TimeoutError
+        ok, value = task.result()
+        if not ok:
+            raise value
+        return value
+
+    def _task_ended(self, _task: asyncio.Future[Any]) -> None:
+        self.abandoned_tasks -= 1
+
     async def _call(self, sample: Sample) -> Any:
+        deadline = time.monotonic() + self.timeout_s
         if self.is_async:
-            return await asyncio.wait_for(self.grader(sample), self.timeout_s)  # type: ignore[arg-type]
+            return await self._await_until(self.grader(sample), deadline)
         await self._wait_for_thread_capacity()
+        deadline = time.monotonic() + self.timeout_s   # the clock starts with the thread
         fut = self._start_thread(sample)  # the timeout starts now, with the grader running
         waiter = asyncio.wrap_future(fut)
         try:
@@ -173,8 +209,8 @@ class GraderRunner:
         else:  # finished just at the timeout: its result is still on its way to the loop
             waiter.cancel()
             out = fut.result()
-        if inspect.isawaitable(out):  # a sync callable that returned a coroutine
-            out = await asyncio.wait_for(out, self.timeout_s)
+        if inspect.isawaitable(out):  # a sync callable that returned a coroutine: what is left of the deadline
+            out = await self._await_until(out, deadline)
         return out
 
     async def grade(self, sample: Sample) -> tuple[GradeResult | None, str | None, str]:
@@ -192,7 +228,9 @@ class GraderRunner:
                 return None, "timeout", f"grader took longer than grader.timeout_s = {self.timeout_s}s"
             except ImportError as e:
                 return None, "import", f"{type(e).__name__}: {e}"
-            except Exception as e:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # noqa: BLE001 - SystemExit / KeyboardInterrupt of a grader: its failure
                 return None, "raised", f"{type(e).__name__}: {e}"
 
     async def grade_group(self, samples: list[Sample]) -> GroupGrade:

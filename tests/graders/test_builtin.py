@@ -84,6 +84,12 @@ def test_numeric_tolerance() -> None:
     ("\\boxed{\\frac{1}{3}}", "1/2", 0.0),
     ("\\boxed{8} then later 9", "9", 0.0),  # the boxed answer wins over a trailing number
     ("steps####128", "128", 1.0),
+    # common phrasings (each scored 0 before)
+    ("The answer is: 42", "42", 1.0), ("The answer is 42, as required.", "42", 1.0),
+    ("The answer is **42**.", "42", 1.0), ("Answer: 7 apples", "7", 1.0), ("\\boxed{\\$5}", "5", 1.0),
+    ("\\boxed{1{,}000}", "1000", 1.0),
+    # ... without accepting more than the first number of the answer sentence
+    ("The answer is 41, or 42.", "42", 0.0), ("Answer: 7 apples", "8", 0.0), ("The answer is **41**.", "42", 0.0),
 ])
 def test_math(response: str, answer: str, expected: float) -> None:
     assert _r("math", response, answer) == expected

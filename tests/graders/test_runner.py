@@ -85,6 +85,64 @@ def test_hanging_async_grader_is_cancelled() -> None:
     assert time.monotonic() - t0 < 5
 
 
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt()])
+def test_system_exit_and_keyboard_interrupt_of_a_grader_are_its_failure(exc: BaseException) -> None:
+    def sync(sample: Sample) -> float:
+        raise exc
+
+    async def coro(sample: Sample) -> float:
+        raise exc
+
+    for grader in (sync, coro):
+        runner = GraderRunner(grader, timeout_s=1.0, failure_policy="zero")
+        res = asyncio.run(runner.grade_group(_samples("a", "b")))   # escaped before: ended the event loop
+        assert res.errors == ["raised", "raised"] and type(exc).__name__ in res.infos[0]["detail"]
+        runner.close()
+
+
+def test_async_grader_that_ignores_cancellation_is_abandoned_at_the_timeout() -> None:
+    done = threading.Event()
+
+    async def stubborn(sample: Sample) -> float:
+        for _ in range(30):
+            try:
+                await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                pass   # swallowed: keeps running
+        done.set()
+        return 1.0
+
+    async def main() -> tuple[Any, float, int]:
+        t0 = time.monotonic()
+        res = await runner.grade_group(_samples("a"))
+        elapsed, live = time.monotonic() - t0, runner.abandoned_tasks
+        while not done.is_set():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0)
+        return res, elapsed, live
+
+    runner = GraderRunner(stubborn, timeout_s=0.3, failure_policy="zero")
+    res, elapsed, live = asyncio.run(main())
+    assert res.errors == ["timeout"] and res.rewards == [0.0]   # not the 1.0 it returns 3 s later
+    assert elapsed < 2.0 and live == 1 and runner.abandoned_tasks == 0   # waited 3.0 s before
+    runner.close()
+
+
+def test_a_sync_grader_returning_a_coroutine_shares_one_deadline() -> None:
+    async def rest() -> float:
+        await asyncio.sleep(0.25)
+        return 1.0
+
+    def grader(sample: Sample) -> Any:
+        time.sleep(0.25)
+        return rest()
+
+    runner = GraderRunner(grader, timeout_s=0.4, failure_policy="zero")
+    res = asyncio.run(runner.grade_group(_samples("a")))
+    assert res.errors == ["timeout"]   # 0.5 s in all; each part alone fits in 0.4 s
+    runner.close()
+
+
 def test_stuck_sync_threads_do_not_block_later_groups() -> None:
     release = threading.Event()
 
