@@ -4,8 +4,23 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-python3}"
+# Python >= 3.11: $PYTHON, else python3.11 / python3.12 / python3.13 / python3, the first that is new enough.
+py_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+if [ -n "${PYTHON:-}" ]; then
+    PY="$PYTHON"
+    py_ok "$PY" || { echo "[env] PYTHON=$PY is not Python >= 3.11" >&2; exit 1; }
+else
+    PY=""
+    for cand in python3.11 python3.12 python3.13 python3; do
+        if command -v "$cand" >/dev/null && py_ok "$cand"; then PY="$cand"; break; fi
+    done
+    [ -n "$PY" ] || { echo "[env] needs Python >= 3.11 (none of python3.11..3.13 or python3 is); set PYTHON=/path/to/python3.11" >&2; exit 1; }
+fi
 EXTRAS="${MINIRL_EXTRAS:-dev,hf}"
+if [ -x .venv/bin/python ] && ! py_ok .venv/bin/python; then
+    echo "[env] .venv has $(.venv/bin/python --version 2>&1) (< 3.11): recreating it" >&2
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     echo "[env] creating .venv with $($PY --version)"
     "$PY" -m venv .venv
@@ -13,9 +28,9 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 STAMP=".venv/.minirl-installed"
-WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)-$EXTRAS"
+WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)-$EXTRAS-${MINIRL_TORCH_SPEC:-}"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-    if ! python -c "import torch" 2>/dev/null; then
+    if [ -n "${MINIRL_TORCH_SPEC:-}" ] || ! python -c "import torch" 2>/dev/null; then
         # Pin first: an unpinned torch would pull a multi-GB CUDA build.
         echo "[env] installing ${MINIRL_TORCH_SPEC:-torch==2.13.0}"
         pip install --quiet --disable-pip-version-check "${MINIRL_TORCH_SPEC:-torch==2.13.0}"

@@ -5,10 +5,12 @@
 # Cold-start SFT runs first when the config names no checkpoint (run.sft_checkpoint / model.path).
 # Logs go to RUN_DIR/logs/<service>.log; Ctrl-C stops everything; the script returns the learner's status.
 set -euo pipefail
-. "$(dirname "$0")/_env.sh"
 CONFIG=configs/tiny.toml
 if [ "${1:-}" = "-c" ]; then CONFIG="$2"; shift 2
 elif [ $# -gt 0 ] && [[ "$1" != *=* ]]; then CONFIG="$1"; shift; fi
+# a config path relative to where the script was called from (_env.sh changes to the repository)
+if [ -e "$CONFIG" ]; then CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"; fi
+. "$(dirname "$0")/_env.sh"
 OVERRIDES=("$@")
 
 # Read values of the resolved config (file + overrides) with the project's own loader.

@@ -5,6 +5,8 @@
 set -euo pipefail
 . "$(dirname "$0")/_env.sh"
 RUN_DIR="${RUN_DIR:-runs/quickstart}"
+case "$RUN_DIR" in /*) ;; *) RUN_DIR="$ROOT/$RUN_DIR" ;; esac
 minirl-async run -c configs/tiny.toml run.dir="$RUN_DIR" "$@"
+# (a run.dir=... argument overrides RUN_DIR: the launcher's last line names the directory it used)
 echo
-echo "Results: $ROOT/$RUN_DIR  (metrics.jsonl, report/summary.md, report/*.png, checkpoints/)"
+echo "Results: the run directory above  (metrics.jsonl, eval.json, report/summary.md, report/*.png, checkpoints/)"

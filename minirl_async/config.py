@@ -140,13 +140,28 @@ def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str, source
         path = f"{prefix}{key}"
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            leaves = [f"{sec}.{key}" for sec, f in fields.items() if isinstance(f.annotation, type)
+                      and issubclass(f.annotation, BaseModel) and key in f.annotation.model_fields]
+            hint = (f"; did you mean '{prefix}{close[0]}'?" if close else
+                    f"; did you mean '{prefix}{leaves[0]}'?" if leaves else f"; valid keys: {', '.join(fields)}")
             raise ConfigError(f"{source}: unknown config key '{path}'{hint}")
         ann = fields[key].annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{path}' is a section; expected a table, got {value!r}")
             _check_keys(value, ann, f"{path}.", source)
+
+
+def _annotation(keys: list[str]) -> Any:
+    """The type annotation of the config field at `keys` (None if there is no such field)."""
+    model: Any = Config
+    for k in keys[:-1]:
+        f = model.model_fields.get(k)
+        model = f.annotation if f is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    f = model.model_fields.get(keys[-1])
+    return f.annotation if f is not None else None
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -160,7 +175,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # bare strings need no quotes on the command line
-    return key.split("."), value
+    keys = key.split(".")
+    if _annotation(keys) is str and not isinstance(value, str):
+        value = text  # a string field takes the text as typed: run.dir=2024 or 2024-06-01 is a name, not a number
+    return keys, value
 
 
 def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:

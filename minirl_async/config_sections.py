@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # inf is refused like nan: no setting here means anything with an infinite value
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 class ModelArch(_Section):
@@ -203,7 +205,7 @@ class StalenessSection(_Section):
     batch in which some response carries no sampler routes."""
     r3_min_lag: int = Field(3, ge=0)
     """Auto: choose R3 when the batch's max lag (in optimizer updates) is at least this."""
-    r3_kl_threshold: float | None = None
+    r3_kl_threshold: float | None = Field(None, ge=0)
     """Auto: also choose R3 when the previous step's kl/train_infer_k3 exceeds this (None = off)."""
     hysteresis_steps: int = Field(1, ge=1)
     """Auto: switch only after the condition held this many steps in a row."""
@@ -251,7 +253,7 @@ class DataSection(_Section):
 
 
 class RunSection(_Section):
-    dir: str = "runs/latest"
+    dir: str = Field("runs/latest", min_length=1)
     """Run directory (config.toml, metrics.jsonl, events.log, checkpoints/, report/)."""
     seed: int = 0
     """Global seed."""

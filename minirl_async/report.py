@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         out = write_report(args.run_dir)
     except ValueError as e:
-        print(f"minirl-async report: {e}")
+        print(f"minirl-async report: {e}", file=sys.stderr)
         return 2
     print(f"report written to {out}")
     return 0

@@ -79,12 +79,22 @@ def rollout_addrs(cfg: Config) -> list[str]:
     return [nth_addr(cfg.network.rollout_addr, i) for i in range(cfg.grader.num_graders)]
 
 
+STOP_SIGNAL: dict[str, int] = {"signum": 0}
+"""The signal that set a service's stop event (0: none), for its exit code: 128 + signum."""
+
+
 def install_stop_handlers(stop: asyncio.Event) -> None:
-    """SIGTERM / SIGINT set `stop` so the service shuts down in order (close sockets, flush logs)."""
+    """SIGTERM / SIGINT set `stop` so the service shuts down in order (close sockets, flush logs); the signal
+    is kept in STOP_SIGNAL."""
     loop = asyncio.get_running_loop()
+
+    def on(sig: int) -> None:
+        STOP_SIGNAL["signum"] = sig
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
 

@@ -14,6 +14,7 @@ of ALGORITHM.md section 7.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Iterable
@@ -123,6 +124,8 @@ class FakeTrainer:
         d = self.run_dir / "checkpoints"
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"step_{step:06d}.json"
+        if int(os.environ.get("RANK", "0")) != 0:   # rank 0 writes (as the real trainer); ranks shared one tmp
+            return path
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"step": step, "w": self.w.tolist(), "extra": extra}))
         tmp.replace(path)  # atomic: a crash mid-write never corrupts the last good checkpoint

@@ -109,6 +109,11 @@ class Progress:
         self.bar.close()
 
 
+def _event(run_dir: Path, text: str) -> None:
+    with open(run_dir / "events.log", "a") as ev:
+        ev.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+
+
 def supervise(cfg: Config, sup: Supervisor, specs: list[ServiceSpec], run_dir: Path) -> int:
     stop = {"signal": 0}
 
@@ -122,7 +127,7 @@ def supervise(cfg: Config, sup: Supervisor, specs: list[ServiceSpec], run_dir: P
             deadline = time.monotonic() + cfg.run.ready_timeout_s
             while not sup.is_ready(spec.name):
                 if stop["signal"]:
-                    return 130
+                    return 128 + stop["signal"]
                 if not sup.running(spec.name) or time.monotonic() > deadline:
                     print(f"[run] {spec.name} did not become ready; see {run_dir / 'logs' / (spec.name + '.log')}",
                           flush=True)
@@ -139,18 +144,23 @@ def supervise(cfg: Config, sup: Supervisor, specs: list[ServiceSpec], run_dir: P
                     print("[run] learner finished", flush=True)
                     return 0
                 for name, code in exited:
-                    if code == 0:  # told to stop by the learner (done): not a crash, nothing to restart
+                    # The learner exits 0 only when the run is done (handled above). Another service exiting
+                    # 0 was told to stop: by the learner at the end (it exits right after), or by someone
+                    # else mid-run (a grader has no channel from the learner): restarted, counted against
+                    # the budget like a crash (a service that keeps exiting must not restart forever).
+                    if code == 0 and not sup.running("learner"):
                         continue
-                    crashed = code != EXIT_RESTART
-                    print(f"[run] {name} exited with {code}; restarting", flush=True)
-                    with open(run_dir / "events.log", "a") as ev:
-                        ev.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} launcher: {name} exited {code}, restart\n")
-                    if not sup.restart(name, crashed=crashed):
-                        print(f"[run] {name} crashed more than run.max_restarts = {cfg.run.max_restarts} times; "
-                              f"giving up (see {run_dir / 'logs' / (name + '.log')})", flush=True)
+                    if not sup.restart(name, crashed=code != EXIT_RESTART):
+                        print(f"[run] {name} exited with {code}: it crashed more than run.max_restarts = "
+                              f"{cfg.run.max_restarts} times; giving up (see {run_dir / 'logs' / (name + '.log')})",
+                              flush=True)
+                        _event(run_dir, f"launcher: {name} exited {code}, restart budget spent: giving up")
                         return 1
+                    print(f"[run] {name} exited with {code}; restarted", flush=True)
+                    _event(run_dir, f"launcher: {name} exited {code}, restarted")
                 time.sleep(0.2)
-            return 130
+            print(f"[run] stopped by signal {stop['signal']}", flush=True)
+            return 128 + stop["signal"]
         finally:
             progress.close()
     finally:

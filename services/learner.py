@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ from minirl_async.proto.sockets import (
 )
 from minirl_async.proto.weights import WeightSender
 from minirl_async.services.common import (
+    STOP_SIGNAL,
     config_of,
     install_stop_handlers,
     mark_ready,
@@ -406,8 +408,9 @@ class LearnerHub:
                 for peer in self.peers:
                     await self._send(router, Shutdown(sender="learner", reason="done"), peer)
             else:
-                code = 1 if not self.stop.is_set() else 0
-                self.runlog.event("stopped by signal")
+                # stopped before num_steps: never exit 0, which the launcher reads as "the run is done"
+                code = 128 + (STOP_SIGNAL["signum"] or signal.SIGTERM) if self.stop.is_set() else 1
+                self.runlog.event(f"stopped by signal at version {self.controller.version} (exit {code})")
         finally:
             self._command({"op": "stop"})
             for t in [trainer_task, stopper, *tasks]:

@@ -62,6 +62,29 @@ def test_out_of_range_and_bad_literal() -> None:
         load_config(None, ["staleness.routing_replay=r4"])
 
 
+def test_a_key_without_its_section_suggests_the_section() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'num_steps'; did you mean 'learner.num_steps'"):
+        load_config(None, ["num_steps=2"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("run.dir=", "run.dir"),                       # was the current directory: run files in the repo root
+    ("learner.lr=inf", "learner.lr"), ("algo.is_cap=inf", "algo.is_cap"), ("run.stop_grace_s=inf", "run.stop_grace_s"),
+    ("staleness.r3_kl_threshold=-1", "staleness.r3_kl_threshold"),
+])
+def test_values_that_mean_nothing_are_refused(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_string_fields_take_bare_text_as_typed() -> None:
+    # TOML would read these as an integer and a date
+    assert load_config(None, ["run.dir=2024"]).run.dir == "2024"
+    assert load_config(None, ["run.dir=2024-06-01"]).run.dir == "2024-06-01"
+    assert load_config(None, ['run.dir="a b"']).run.dir == "a b"
+    assert load_config(None, ["learner.num_steps=7"]).learner.num_steps == 7   # other fields still parse TOML
+
+
 def test_section_given_a_scalar(tmp_path: Path) -> None:
     p = write(tmp_path, "learner = 3\n")
     with pytest.raises(ConfigError, match=r"'learner' is a section"):

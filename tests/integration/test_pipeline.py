@@ -83,15 +83,20 @@ def test_auto_replay_choice_follows_updates_per_step(tmp_path, n, mode):
     assert all(r["replay/max_lag"] == n - 1 for r in rows)
 
 
-def test_killing_each_service_loses_and_duplicates_nothing(tmp_path):
-    """SIGKILL the sampler, then the grader, then the learner mid-run: the launcher restarts each, the
-    learner resumes from its checkpoint, and the ledger proves every issued group is accounted for and
-    no group id is in two trained batches of the final history."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killing_each_service_loses_and_duplicates_nothing(tmp_path, sig):
+    """SIGKILL (or SIGTERM) the sampler, then the grader, then the learner mid-run: the launcher restarts
+    each, the learner resumes from its checkpoint, and the ledger proves every issued group is accounted for
+    and no group id is in two trained batches of the final history. SIGTERM: a sampler or grader stopping
+    cleanly mid-run (exit 0) is restarted too (the run stalled before), and a learner stopped before
+    num_steps exits 128 + 15, not 0 (which the launcher took for 'run finished')."""
     import json
     import os
     import signal
     import subprocess
     import time
+
+    signum = getattr(signal, sig)
 
     steps = 16
     cmd = [sys.executable, "-m", "minirl_async.cli", "run", "-c", "configs/tiny.toml", f"run.dir={tmp_path}",
@@ -109,7 +114,7 @@ def test_killing_each_service_loses_and_duplicates_nothing(tmp_path):
             name, after = victims[0]
             if done >= after:
                 pids = json.loads((tmp_path / "status" / "pids.json").read_text())
-                os.kill(pids[name], signal.SIGKILL)
+                os.kill(pids[name], signum)
                 victims.pop(0)
         assert not victims, f"run ended or timed out before killing {victims}"
         out, _ = proc.communicate(timeout=150)
@@ -118,8 +123,10 @@ def test_killing_each_service_loses_and_duplicates_nothing(tmp_path):
             proc.kill()
     assert proc.returncode == 0, out
     events = (tmp_path / "events.log").read_text()
-    for name in ("sampler-0", "grader-0", "learner"):
-        assert f"launcher: {name} exited -9" in events, name
+    codes = {"sampler-0": -9, "grader-0": -9, "learner": -9} if sig == "SIGKILL" else \
+        {"sampler-0": 0, "grader-0": 0, "learner": 128 + signal.SIGTERM}
+    for name, code in codes.items():
+        assert f"launcher: {name} exited {code}, restarted" in events, (name, events)
     assert "resumed at version" in events
     by_step = trained_ids_by_step(tmp_path)
     assert sorted(by_step) == list(range(steps))
