@@ -6,7 +6,9 @@ set -euo pipefail
 . "$(dirname "$0")/_env.sh"
 RUN_DIR="${RUN_DIR:-runs/quickstart}"
 case "$RUN_DIR" in /*) ;; *) RUN_DIR="$ROOT/$RUN_DIR" ;; esac
+for arg in "$@"; do  # a run.dir=... argument wins over RUN_DIR (the launcher takes the last one)
+    case "$arg" in run.dir=*) RUN_DIR="${arg#run.dir=}"; case "$RUN_DIR" in /*) ;; *) RUN_DIR="$ROOT/$RUN_DIR" ;; esac ;; esac
+done
 minirl-async run -c configs/tiny.toml run.dir="$RUN_DIR" "$@"
-# (a run.dir=... argument overrides RUN_DIR: the launcher's last line names the directory it used)
 echo
-echo "Results: the run directory above  (metrics.jsonl, eval.json, report/summary.md, report/*.png, checkpoints/)"
+echo "Results: $RUN_DIR  (metrics.jsonl, eval.json, report/summary.md, report/*.png, checkpoints/)"
