@@ -83,10 +83,17 @@ STOP_SIGNAL: dict[str, int] = {"signum": 0}
 """The signal that set a service's stop event (0: none), for its exit code: 128 + signum."""
 
 
+def stop_code() -> int:
+    """A service's exit code once stopped: 0 when the learner told it to stop (the run is done), 128 + signum
+    when a signal did (the launcher then restarts it: the run goes on)."""
+    return 128 + STOP_SIGNAL["signum"] if STOP_SIGNAL["signum"] else 0
+
+
 def install_stop_handlers(stop: asyncio.Event) -> None:
     """SIGTERM / SIGINT set `stop` so the service shuts down in order (close sockets, flush logs); the signal
     is kept in STOP_SIGNAL."""
     loop = asyncio.get_running_loop()
+    STOP_SIGNAL["signum"] = 0
 
     def on(sig: int) -> None:
         STOP_SIGNAL["signum"] = sig

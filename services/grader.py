@@ -38,6 +38,7 @@ from minirl_async.services.common import (
     set_threads,
     setup_logging,
     start_curve_auth,
+    stop_code,
 )
 
 from minirl_async.config import Config
@@ -146,7 +147,7 @@ class GraderService:
             ctx.term()
         self.log.info("stopped after %d groups (%d failed); grader stats %s; bad messages %d", self.graded_groups,
                       self.failed_groups, runner.stats(), self.stats.errors)
-        return 0
+        return stop_code()   # graders stop only by a signal: 128 + signum, restarted while the run goes on
 
 
 def main(args: argparse.Namespace) -> int:

@@ -144,11 +144,10 @@ def supervise(cfg: Config, sup: Supervisor, specs: list[ServiceSpec], run_dir: P
                     print("[run] learner finished", flush=True)
                     return 0
                 for name, code in exited:
-                    # The learner exits 0 only when the run is done (handled above). Another service exiting
-                    # 0 was told to stop: by the learner at the end (it exits right after), or by someone
-                    # else mid-run (a grader has no channel from the learner): restarted, counted against
-                    # the budget like a crash (a service that keeps exiting must not restart forever).
-                    if code == 0 and not sup.running("learner"):
+                    # Exit 0: told to stop by the learner (the run is done; the learner exits right after).
+                    # A service stopped by a signal mid-run exits 128 + signum (services.common.stop_code):
+                    # restarted, counted against the budget like a crash.
+                    if code == 0:
                         continue
                     if not sup.restart(name, crashed=code != EXIT_RESTART):
                         print(f"[run] {name} exited with {code}: it crashed more than run.max_restarts = "

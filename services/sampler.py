@@ -53,6 +53,7 @@ from minirl_async.services.common import (
     set_threads,
     setup_logging,
     status_dir,
+    stop_code,
 )
 from minirl_async.services.compute import make_engine
 
@@ -260,7 +261,7 @@ class SamplerService:
             ctx.term()
             self.busy_log.close()
         self.log.info("stopped after %d groups (busy %.1fs)", self.groups_done, self.busy_s)
-        return 0
+        return stop_code()
 
 
 def main(args: argparse.Namespace) -> int:

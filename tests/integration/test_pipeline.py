@@ -87,9 +87,10 @@ def test_auto_replay_choice_follows_updates_per_step(tmp_path, n, mode):
 def test_killing_each_service_loses_and_duplicates_nothing(tmp_path, sig):
     """SIGKILL (or SIGTERM) the sampler, then the grader, then the learner mid-run: the launcher restarts
     each, the learner resumes from its checkpoint, and the ledger proves every issued group is accounted for
-    and no group id is in two trained batches of the final history. SIGTERM: a sampler or grader stopping
-    cleanly mid-run (exit 0) is restarted too (the run stalled before), and a learner stopped before
-    num_steps exits 128 + 15, not 0 (which the launcher took for 'run finished')."""
+    and no group id is in two trained batches of the final history. SIGTERM: every service stopped by a
+    signal before the end exits 128 + 15, not 0 (which the launcher took for 'told to stop by the learner':
+    the run stalled after the sampler's stop, or a stopped learner counted as a finished run), and the
+    launcher restarts it. A finished run has no restart in its events."""
     import json
     import os
     import signal
@@ -123,10 +124,11 @@ def test_killing_each_service_loses_and_duplicates_nothing(tmp_path, sig):
             proc.kill()
     assert proc.returncode == 0, out
     events = (tmp_path / "events.log").read_text()
-    codes = {"sampler-0": -9, "grader-0": -9, "learner": -9} if sig == "SIGKILL" else \
-        {"sampler-0": 0, "grader-0": 0, "learner": 128 + signal.SIGTERM}
+    code = -9 if sig == "SIGKILL" else 128 + signal.SIGTERM   # SIGTERM: a clean stop, but before the end
+    codes = {"sampler-0": code, "grader-0": code, "learner": code}
     for name, code in codes.items():
         assert f"launcher: {name} exited {code}, restarted" in events, (name, events)
+    assert events.count(", restarted") == 3   # none at the end (a sampler told 'done' before the learner exits)
     assert "resumed at version" in events
     by_step = trained_ids_by_step(tmp_path)
     assert sorted(by_step) == list(range(steps))
