@@ -109,6 +109,13 @@ class Progress:
         self.bar.close()
 
 
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join("    " + line for line in path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "    (no log)"
+
+
 def _event(run_dir: Path, text: str) -> None:
     with open(run_dir / "events.log", "a") as ev:
         ev.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
@@ -129,8 +136,9 @@ def supervise(cfg: Config, sup: Supervisor, specs: list[ServiceSpec], run_dir: P
                 if stop["signal"]:
                     return 128 + stop["signal"]
                 if not sup.running(spec.name) or time.monotonic() > deadline:
-                    print(f"[run] {spec.name} did not become ready; see {run_dir / 'logs' / (spec.name + '.log')}",
-                          flush=True)
+                    log_path = run_dir / "logs" / (spec.name + ".log")
+                    print(f"[run] {spec.name} did not become ready; the end of {log_path}:", flush=True)
+                    print(_tail(log_path), flush=True)   # a config error found at start-up is usually here
                     return 1
                 time.sleep(0.05)
         print(f"[run] {len(specs)} services ready; logs in {run_dir / 'logs'}", flush=True)

@@ -36,6 +36,14 @@ def test_short_run_writes_contract_metrics_and_report(tmp_path):
     assert len(ids) == 16 == len(set(ids))
 
 
+def test_a_service_that_fails_at_start_shows_why(tmp_path):
+    # a config error only the learner finds (no JSONL path) was only in logs/learner.log
+    out = run_cli(tmp_path, FAKE + net_overrides() + ["data.task=jsonl"])
+    assert out.returncode == 1
+    assert "learner did not become ready" in out.stdout
+    assert "data.task = 'jsonl' needs data.jsonl_path" in out.stdout
+
+
 def test_fresh_start_in_a_used_run_dir_sets_old_checkpoints_aside(tmp_path):
     first = run_cli(tmp_path, FAKE + net_overrides() + ["learner.num_steps=4", "learner.checkpoint_every=2"])
     assert first.returncode == 0, first.stdout + first.stderr
