@@ -99,7 +99,9 @@ def test_fp8_update_forms_agree_and_fp8_greedy_matches_dequantised_model() -> No
                            model.model.layers[0].self_attn.q_proj.weight.float())
 
 
-def _update_mid_generation(interruptible: bool) -> tuple[TorchFP8Engine, list]:
+def _update_mid_generation(interruptible: bool, pause: bool = False) -> tuple[TorchFP8Engine, list]:
+    """Generate 3 greedy responses of 8 tokens; after decode step 3 an update to version 1 starts in another
+    thread (with `pause`: the engine is paused first and resumed 0.3 s later from a third thread)."""
     cfg = tiny()
     m0, m1 = model64(cfg, seed=0), model64(cfg, seed=1)
     eng = engine64(cfg, m0, interruptible=interruptible, max_batch_size=4)
@@ -112,9 +114,12 @@ def _update_mid_generation(interruptible: bool) -> tuple[TorchFP8Engine, list]:
         orig(*a)  # type: ignore[arg-type]
         steps["n"] += 1
         if steps["n"] == 3:  # start an update and wait until it is pending: it lands at the next boundary
-            th = threading.Thread(target=eng.update_weights, args=(1, new))
-            th.start()
-            updater.append(th)
+            if pause:
+                eng.pause()
+                updater.append(threading.Timer(0.3, eng.resume))
+            updater.append(threading.Thread(target=eng.update_weights, args=(1, new)))
+            for th in updater:
+                th.start()
             deadline = time.monotonic() + 30
             while not eng._swap_pending and time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -122,7 +127,8 @@ def _update_mid_generation(interruptible: bool) -> tuple[TorchFP8Engine, list]:
     eng._decode = decode  # type: ignore[method-assign]
     reqs = [GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=8)) for p in PROMPTS[:3]]
     out = eng.generate(reqs)
-    updater[0].join(30)
+    for th in updater:
+        th.join(30)
     return eng, out
 
 
@@ -142,27 +148,7 @@ def test_update_waits_for_the_batch_when_not_interruptible() -> None:
 
 
 def test_pausing_mid_batch_does_not_let_an_update_in_when_not_interruptible() -> None:
-    cfg = tiny()
-    m0, m1 = model64(cfg, seed=0), model64(cfg, seed=1)
-    eng = engine64(cfg, m0, interruptible=False, max_batch_size=4)
-    steps = {"n": 0}
-    orig = eng._decode
-    threads: list[threading.Thread] = []
-
-    def decode(*a: object) -> None:
-        orig(*a)  # type: ignore[arg-type]
-        steps["n"] += 1
-        if steps["n"] == 3:   # pause, start an update, and resume a little later from another thread
-            eng.pause()
-            threads.append(threading.Thread(target=eng.update_weights, args=(1, dict(iter_hf_state(m1)))))
-            threads.append(threading.Timer(0.3, eng.resume))
-            for th in threads:
-                th.start()
-
-    eng._decode = decode  # type: ignore[method-assign]
-    out = eng.generate([GenerateRequest(p, SamplingParams(temperature=0, max_new_tokens=8)) for p in PROMPTS[:3]])
-    for th in threads:
-        th.join(30)
+    eng, out = _update_mid_generation(interruptible=False, pause=True)
     assert all(r[0].versions.tolist() == [0] * 8 for r in out)   # the update waited for the batch's end
     assert eng.version == 1
 
