@@ -71,6 +71,8 @@ from minirl_async.staleness import StalenessTracker, lag_metrics
 from minirl_async.tasks.source import make_prompt_source
 
 BACKOFF_S = 0.05
+BEHIND_RESEND_S = 30.0  # a sampler reporting an older version than the last published one for this long is
+                        # sent the last version point to point (it lost every chunk of the stream)
 
 
 def reward_metrics(groups: list[ScoredGroup]) -> dict[str, float]:
@@ -143,6 +145,7 @@ class LearnerHub:
         self.stats = {"work": ChannelStats(), "scored": ChannelStats()}
         self.peers: set[bytes] = set()
         self._serving: asyncio.Task[int] | None = None   # the task streaming weights to late joiners
+        self._behind_since: dict[str, float] = {}   # sampler id -> when it first reported a stale version
         self.last_step_end = time.monotonic()
         self.busy_s = 0.0
         self.invalid_reasons: dict[str, int] = {}   # groups refused on arrival, by kind of reason
@@ -167,6 +170,7 @@ class LearnerHub:
         assert peer is not None
         self.peers.add(peer)
         if isinstance(msg, WorkRequest):
+            self._resend_if_left_behind(publisher, msg)
             await self.grant(router, msg, peer)
         elif isinstance(msg, WeightsRequest):
             if msg.have_version < 0:  # a fresh sampler process holds nothing it was leased
@@ -179,6 +183,23 @@ class LearnerHub:
             pass
         else:
             raise ProtocolError(f"unexpected {msg.TYPE} on the work channel")
+
+    def _resend_if_left_behind(self, publisher: WeightPublisher, req: WorkRequest) -> None:
+        """A sampler whose WorkRequests report an older version than the last published one for
+        BEHIND_RESEND_S lost that version's stream entirely (its own stall check needs at least one chunk
+        to notice): stream it the last version as if it had asked (WeightsRequest)."""
+        latest, now = publisher.sender.last_version, time.monotonic()
+        if req.weight_version < 0 or req.weight_version >= latest:
+            self._behind_since.pop(req.sampler_id, None)
+            return
+        since = self._behind_since.setdefault(req.sampler_id, now)
+        if now - since >= BEHIND_RESEND_S:
+            self._behind_since[req.sampler_id] = now   # at most one resend per BEHIND_RESEND_S
+            self.log.warning("%s has reported v%d for %.0fs while v%d is out: streaming it v%d", req.sampler_id,
+                             req.weight_version, now - since, latest, latest)
+            self.runlog.event(f"resend v{latest} to {req.sampler_id} (it reports v{req.weight_version})")
+            publisher.on_request(WeightsRequest(sampler_id=req.sampler_id, have_version=req.weight_version))
+            self._serve_soon(publisher)
 
     def _serve_soon(self, publisher: WeightPublisher) -> None:
         """Serve pending WeightsRequests in a task of its own: a full weight stream must not hold up the

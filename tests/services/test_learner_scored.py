@@ -78,3 +78,39 @@ def test_without_trainer_checks_only_the_wire_rules(hub):
     assert [(x.group_id, x.attempt) for x in ctl.grant("s0", 1, 0)] == [(t.group_id, 1)]
     hub.on_scored(out_of_vocab, None)   # nothing to check the vocab against
     assert [gid for gid, _ in ctl.take_batch()] == [t.group_id]
+
+
+def test_a_sampler_left_behind_is_sent_the_last_version(hub, monkeypatch):
+    # A sampler that lost every chunk of a stream keeps reporting its old version: after BEHIND_RESEND_S
+    # the hub queues a point-to-point resend (as for a WeightsRequest), at most once per BEHIND_RESEND_S.
+    import types
+
+    import minirl_async.services.learner as mod
+    from minirl_async.proto.messages import WorkRequest
+
+    now = {"t": 1000.0}
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now["t"])
+    requests, served = [], []
+    publisher = types.SimpleNamespace(sender=types.SimpleNamespace(last_version=5),
+                                      on_request=lambda r: requests.append((r.sampler_id, r.have_version)))
+    monkeypatch.setattr(hub, "_serve_soon", lambda p: served.append(p))
+
+    def work(at, version, sampler="s0"):
+        now["t"] = 1000.0 + at
+        hub._resend_if_left_behind(publisher, WorkRequest(sampler_id=sampler, free_slots=2, weight_version=version))
+
+    work(0, 3)
+    work(mod.BEHIND_RESEND_S - 1, 3)
+    work(0.5, 5, "s1")                               # up to date: nothing
+    work(1, -1, "s2")                                # no weights yet: it asks by itself
+    assert requests == []
+    work(mod.BEHIND_RESEND_S + 1, 3)
+    assert requests == [("s0", 3)] and served == [publisher]
+    work(mod.BEHIND_RESEND_S + 10, 3)                # rate-limited
+    assert len(requests) == 1
+    work(2 * mod.BEHIND_RESEND_S + 2, 3)
+    assert requests == [("s0", 3)] * 2
+    work(2 * mod.BEHIND_RESEND_S + 3, 5)             # caught up: the clock starts over
+    work(2 * mod.BEHIND_RESEND_S + 4, 4)
+    assert len(requests) == 2
+    assert "resend v5 to s0 (it reports v3)" in (hub.run_dir / "events.log").read_text()
