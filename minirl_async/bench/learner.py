@@ -15,7 +15,8 @@ then `repeats` rounds that alternate the order (ours, HF / HF, ours), each updat
 CPU time (`time.thread_time`: not inflated when the scheduler preempts us for another process) and by the
 wall clock; figures are medians. Tokens = B*T forwarded and back-propagated per update.
 - `ratio` = ours / HF train tokens per CPU-second in fp32 (= `ratio_fp32`); `ratio_wall_fp32` the same
-  from wall-clock medians (noisier here);
+  from wall-clock medians (noisier here); `ratio_<dt>_rounds_q25_q50_q75`: quartiles of the per-round
+  ratios (HF / ours in the same round), the spread behind the medians;
 - `ours_<dt>_tok_s`, `hf_<dt>_tok_s` (CPU time) and `..._wall_tok_s` for fp32 and bf16 (bf16: parameters,
   compute and AdamW in bf16, the same for both sides; the learner itself keeps fp32 master weights);
 - `ours_step_tok_s`: the whole `Trainer.train_step` (here N = 1: the update, whose forward is also the
@@ -39,10 +40,10 @@ def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.thread_time() - c0, time.perf_counter() - w0
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], repeats: int,
-                 warmup: int = 2) -> dict[str, tuple[float, float]]:
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                 rounds: list[dict[str, float]] | None = None) -> dict[str, tuple[float, float]]:
     """Median (CPU, wall) seconds per function, measured in alternating order so that slow phases of the
-    shared machine hit every side alike."""
+    shared machine hit every side alike (each round's CPU seconds appended to `rounds` when given)."""
     for fn in fns.values():
         for _ in range(warmup):   # allocator, oneDNN/MKL primitive caches, optimizer state
             fn()
@@ -51,6 +52,8 @@ def _interleaved(fns: dict[str, Callable[[], object]], repeats: int,
     for r in range(repeats):
         for k in (names if r % 2 == 0 else names[::-1]):
             samples[k].append(_timed(fns[k]))
+        if rounds is not None:
+            rounds.append({k: v[-1][0] for k, v in samples.items()})
     return {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v))
             for k, v in samples.items()}
 
@@ -113,8 +116,11 @@ def run(quick: bool) -> dict[str, Any]:
             logits = m(input_ids=ids, use_cache=False).logits.float()   # a learner needs no KV cache
             return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
 
+        rounds: list[dict[str, float]] = []
         t = _interleaved({"ours": updater(ours_lp, list(ours.parameters())),
-                          "hf": updater(hf_lp, list(hf.parameters()))}, repeats)
+                          "hf": updater(hf_lp, list(hf.parameters()))}, repeats, rounds=rounds)
+        q = statistics.quantiles(sorted(r["hf"] / r["ours"] for r in rounds), n=4, method="inclusive")
+        out[f"ratio_{name}_rounds_q25_q50_q75"] = [round(x, 3) for x in q]
         (c_ours, w_ours), (c_hf, w_hf) = t["ours"], t["hf"]
         out[f"ours_{name}_tok_s"] = round(B * T / c_ours, 1)
         out[f"hf_{name}_tok_s"] = round(B * T / c_hf, 1)

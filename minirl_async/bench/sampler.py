@@ -13,7 +13,10 @@ timed runs after a warm-up; CPU seconds of the single compute thread, because th
 - `ours_nocapture_tok_s` (the same engine with capture switched off, so both use the same weights at the
   same addresses) and `capture_overhead`: the median relative extra CPU time of capture over back-to-back
   pairs of runs, with its quartiles (`capture_overhead_q25_q75`) as the measurement's resolution;
-- `decode_step_ms` (our mean time per decode step) and `dequant_per_step_ms` (one dequantisation of every
+- `ratio_rounds_q25_q50_q75`: quartiles of the per-round ratio (HF CPU time / ours in the same round): the
+  spread behind the best-of `ratio` on this noisy machine;
+- `ms_per_token_step` (our generate CPU time / new tokens: one decode step of the batch plus its share of
+  prefill and sampling) and `dequant_per_step_ms` (one dequantisation of every
   FP8 weight: what dequantising per matmul would add to each step, the reason weights are cached).
 """
 
@@ -31,8 +34,10 @@ def _model_cfg(vocab: int) -> Any:
     return ModelConfig.from_arch(ModelArch(), vocab_size=vocab)  # the tiny default architecture
 
 
-def _race(fns: dict[str, Any], repeats: int) -> dict[str, tuple[float, float]]:
-    """Best (CPU seconds, wall seconds) of each function over `repeats` interleaved rounds, after a warm-up.
+def _race(fns: dict[str, Any], repeats: int, rounds: list[dict[str, float]] | None = None
+          ) -> dict[str, tuple[float, float]]:
+    """Best (CPU seconds, wall seconds) of each function over `repeats` interleaved rounds, after a warm-up
+    (each round's CPU seconds appended to `rounds` when given).
     CPU time of this process (one torch thread) is what `ratio` uses: on a shared machine wall time mostly
     measures the neighbours; interleaving spreads what load remains evenly over the contenders. Each round
     starts with a different contender and each run with a collected heap: in a fixed order, the run right
@@ -45,13 +50,26 @@ def _race(fns: dict[str, Any], repeats: int) -> dict[str, tuple[float, float]]:
     best = {k: (float("inf"), float("inf")) for k in fns}
     names = list(fns)
     for r in range(repeats):
+        this: dict[str, float] = {}
         for k in names[r % len(names):] + names[:r % len(names)]:
             gc.collect()
             c0, t0 = time.process_time(), time.perf_counter()
             fns[k]()
             c, t = time.process_time() - c0, time.perf_counter() - t0
             best[k] = (min(best[k][0], c), min(best[k][1], t))
+            this[k] = c
+        if rounds is not None:
+            rounds.append(this)
     return best
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    import statistics
+
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[1], q[2]
 
 
 def _paired_overhead(run: Any, pairs: int) -> tuple[float, float, float]:
@@ -123,7 +141,10 @@ def measure(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[
                               eos_token_id=None, pad_token_id=0)
         assert out.shape == (batch, prompt_len + new_tokens)
 
-    best = _race({"ours": lambda: run_ours(True), "nocapture": lambda: run_ours(False), "hf": run_hf}, repeats)
+    rounds: list[dict[str, float]] = []
+    best = _race({"ours": lambda: run_ours(True), "nocapture": lambda: run_ours(False), "hf": run_hf}, repeats,
+                 rounds)
+    per_round = sorted(r["hf"] / r["ours"] for r in rounds)
     (t_ours, w_ours), (t_nc, _), (t_hf, w_hf) = best["ours"], best["nocapture"], best["hf"]
     overhead_q = _paired_overhead(run_ours, 4 * repeats)
 
@@ -145,6 +166,7 @@ def measure(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[
         "ours_nocapture_tok_s": round(nc_tok_s, 1),
         "capture_overhead": round(overhead_q[1], 4),
         "capture_overhead_q25_q75": [round(overhead_q[0], 4), round(overhead_q[2], 4)],
-        "decode_step_ms": round(t_ours / new_tokens * 1e3, 3),
+        "ratio_rounds_q25_q50_q75": [round(q, 2) for q in _quartiles(per_round)],
+        "ms_per_token_step": round(t_ours / new_tokens * 1e3, 3),
         "dequant_per_step_ms": round(t_deq * 1e3, 3),
     }

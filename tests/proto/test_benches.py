@@ -16,3 +16,8 @@ def test_weightsync_bench_quick():
     out = importlib.import_module("minirl_async.bench.weightsync").run(quick=True)
     assert out["bytes"] == 16 << 20 and out["ratio"] > 0 and out["ratio_of"] in ("tcp", "ipc")
     assert {"memcpy_gbps", "tcp_gbps", "ipc_gbps", "tcp_ratio", "ipc_ratio"} <= out.keys()
+    # the reported figures agree with each other: GB/s from bytes and seconds, ratios of those GB/s
+    for t in ("tcp", "ipc"):
+        assert abs(out[f"{t}_gbps"] - out["bytes"] / 1e9 / out[f"{t}_s"]) < 0.01 * out[f"{t}_gbps"] + 1e-3
+        assert abs(out[f"{t}_ratio"] - out[f"{t}_gbps"] / out["memcpy_gbps"]) < 2e-3
+    assert out["ratio"] == max(out["tcp_ratio"], out["ipc_ratio"]) == out[f"{out['ratio_of']}_ratio"]
