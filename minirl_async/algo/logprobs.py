@@ -64,8 +64,9 @@ class _LogprobFn(torch.autograd.Function):
         cdt = torch.float64 if h_ND.dtype == torch.float64 else torch.float32
         logp, logz_N = h_ND.new_empty(out_shape, dtype=cdt), h_ND.new_empty(N, dtype=cdt)
         logp_N = logp.view(N)
+        w_c = w_VD.to(cdt)   # once, not per chunk (a bf16 LM head of a 150k vocabulary is ~1 GB in float32)
         for s in range(0, N, chunk):
-            logits_NV = _logits(h_ND[s:s + chunk], w_VD, inv_temp)
+            logits_NV = _logits(h_ND[s:s + chunk], w_c, inv_temp)
             lz_N = torch.logsumexp(logits_NV, dim=-1, out=logz_N[s:s + chunk])
             torch.sub(logits_NV.gather(-1, y_N[s:s + chunk, None]).squeeze(-1), lz_N, out=logp_N[s:s + chunk])
         ctx.save_for_backward(h_ND, w_VD, y_N, logz_N)
