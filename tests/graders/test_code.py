@@ -268,11 +268,6 @@ RPC_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(RPC_CASES))
-def test_the_tests_use_the_program_through_plain_data(grader: CodeGrader, name: str) -> None:
-    program, tests = RPC_CASES[name]
-    reward, info = _grade(grader, program, tests=tests)
-    assert reward == 1.0, info
 
 
 # Ways from a judge object's public attributes back to the judge's builtins: each would run code in the
@@ -294,11 +289,12 @@ JUDGE_ESCAPES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(JUDGE_ESCAPES))
-def test_the_program_cannot_reach_into_the_judge(grader: CodeGrader, name: str) -> None:
-    program, tests = JUDGE_ESCAPES[name]
+@pytest.mark.parametrize("name,want", [(n, 1.0) for n in sorted(RPC_CASES)] + [(n, 0.0) for n in sorted(JUDGE_ESCAPES)])
+def test_the_tests_use_the_program_through_plain_data_and_it_cannot_reach_the_judge(
+        grader: CodeGrader, name: str, want: float) -> None:
+    program, tests = {**RPC_CASES, **JUDGE_ESCAPES}[name]
     reward, info = _grade(grader, program, tests=tests)
-    assert reward == 0.0, info
+    assert reward == want, info
 
 
 def test_program_objects_never_equal_plain_data(grader: CodeGrader) -> None:
