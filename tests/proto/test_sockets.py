@@ -37,7 +37,6 @@ from minirl_async.proto.sockets import (
     scored_push,
     send_message,
     start_authenticator,
-    tracked_frames,
     weights_pub,
     weights_sub,
     work_dealer,
@@ -443,13 +442,6 @@ async def test_hold_waits_for_every_live_frame_not_only_the_last_of_a_chunk(tcp_
         assert all(torch.equal(got.tensors[k], v) for k, v in expected.items())
     finally:
         ctx.destroy(linger=0)
-
-
-def test_tracked_frames_track_every_frame_zmq_does_not_copy():
-    big, small = bytearray(1 << 16), bytearray(100)
-    frames, trackers = tracked_frames([b"topic", big, small, big], copy_threshold=1 << 16)
-    assert [type(f) for f in frames] == [bytes, zmq.Frame, bytearray, zmq.Frame] and len(trackers) == 2
-    assert all(frames[i].tracker is trackers[j] for i, j in ((1, 0), (3, 1)))
 
 
 async def test_a_subscriber_that_reads_late_still_gets_every_chunk(tcp_addr, ipc_addr):
